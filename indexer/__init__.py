@@ -1,0 +1,1 @@
+"""Everything about blocks, embeddings and top-k: block store, embedding, index versions, shards."""

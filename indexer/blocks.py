@@ -1,0 +1,175 @@
+"""Corpus -> block store: `[CLS] title [SEP] text [SEP]` blocks of at most `max_len` wordpieces.
+
+Layout of a block store directory (written atomically, verified by manifest.json):
+    blocks.arrow   Arrow IPC file: block_id int64, doc_id string, title string, text string,
+                   token_ids list<int32>      (blocks of one document are contiguous)
+    docs.arrow     doc_id string, first_block int64, num_blocks int32
+    vocab.txt      the WordPiece vocabulary the token ids refer to
+The Arrow files are memory-mapped on open, so any process reads block i in O(1) without
+loading the corpus.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from indexer.io import InputError, atomic_dir, read_records, require_str, verify_manifest, write_manifest
+from indexer.tokenizer import Vocab, copy_vocab, load_tokenizer
+
+BLOCK_SCHEMA = pa.schema([
+    ("block_id", pa.int64()), ("doc_id", pa.string()), ("title", pa.string()),
+    ("text", pa.string()), ("token_ids", pa.list_(pa.int32())),
+])
+DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("first_block", pa.int64()), ("num_blocks", pa.int32())])
+
+
+@dataclass
+class Document:
+    doc_id: str
+    title: str
+    text: str
+
+
+def read_corpus(path: str | os.PathLike, max_doc_bytes: int) -> list[Document]:
+    """Validated documents; any defect is an InputError naming file:line."""
+    docs, seen = [], {}
+    for where, row in read_records(path):
+        raw_id = row.get("id")
+        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            raw_id = str(raw_id)  # integer ids are common enough to accept
+            row = {**row, "id": raw_id}
+        doc_id = require_str(row, "id", where)
+        title = require_str(row, "title", where, allow_empty=True)
+        text = require_str(row, "text", where)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > max_doc_bytes:
+            raise InputError(f"{where}: document '{doc_id}' is {size} bytes, over data.max_doc_bytes={max_doc_bytes}")
+        if doc_id in seen:
+            raise InputError(f"{where}: duplicate id '{doc_id}' (first at {seen[doc_id]})")
+        seen[doc_id] = where
+        docs.append(Document(doc_id, title.strip(), text.strip()))
+    if not docs:
+        raise InputError(f"{path}: empty corpus (no documents)")
+    return docs
+
+
+def split_document(tok, vocab: Vocab, doc: Document, max_len: int, max_title_len: int
+                   ) -> list[tuple[str, list[int]]]:
+    """Split one document into (block_text, token_ids) pieces, each ≤ max_len wordpieces.
+
+    Cuts fall on white space where possible, so no word (or its punctuation) is split across blocks.
+    """
+    title_ids = tok.encode(doc.title, add_special_tokens=False).ids[:max_title_len] if doc.title else []
+    budget = max_len - 3 - len(title_ids)
+    if budget < 8:
+        raise InputError(f"blocks.max_len={max_len} leaves no room for text after a {len(title_ids)}-token title")
+    enc = tok.encode(doc.text, add_special_tokens=False)
+    ids, offsets = enc.ids, enc.offsets
+    pieces = []
+    start = 0
+    while start < len(ids):
+        end = min(start + budget, len(ids))
+        if end < len(ids):
+            cut = end
+            while cut > start + 1 and offsets[cut][0] == offsets[cut - 1][1]:  # no space between
+                cut -= 1
+            if cut > start + 1:
+                end = cut
+        text = doc.text[offsets[start][0]:offsets[end - 1][1]]
+        block = [vocab.cls] + title_ids + [vocab.sep] + ids[start:end] + [vocab.sep]
+        pieces.append((text, block))
+        start = end
+    if not pieces:  # text had no wordpieces (e.g. only control characters)
+        pieces.append(("", [vocab.cls] + title_ids + [vocab.sep, vocab.sep]))
+    return pieces
+
+
+def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int, max_title_len: int,
+                      max_doc_bytes: int) -> dict:
+    """corpus file -> block store at out_dir (atomic). Deterministic: same input, same bytes."""
+    docs = read_corpus(corpus, max_doc_bytes)
+    with atomic_dir(out_dir) as tmp:
+        vocab_file = copy_vocab(vocab_spec, tmp)
+        tok = load_tokenizer(vocab_file)
+        vocab = Vocab(tok)
+        cols = {k: [] for k in BLOCK_SCHEMA.names}
+        doc_cols = {k: [] for k in DOC_SCHEMA.names}
+        for doc in tqdm(docs, desc="blocks", unit="doc", mininterval=2):
+            pieces = split_document(tok, vocab, doc, max_len, max_title_len)
+            doc_cols["doc_id"].append(doc.doc_id)
+            doc_cols["first_block"].append(len(cols["block_id"]))
+            doc_cols["num_blocks"].append(len(pieces))
+            for text, ids in pieces:
+                cols["block_id"].append(len(cols["block_id"]))
+                cols["doc_id"].append(doc.doc_id)
+                cols["title"].append(doc.title)
+                cols["text"].append(text)
+                cols["token_ids"].append(ids)
+        _write_arrow(tmp / "blocks.arrow", pa.table(cols, schema=BLOCK_SCHEMA))
+        _write_arrow(tmp / "docs.arrow", pa.table(doc_cols, schema=DOC_SCHEMA))
+        meta = {"kind": "block_store", "num_blocks": len(cols["block_id"]), "num_docs": len(docs),
+                "max_len": max_len, "corpus": str(corpus)}
+        write_manifest(tmp, meta)
+    return meta
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1 << 16)
+
+
+class BlockStore:
+    """Read-only, memory-mapped view of a block store directory."""
+
+    def __init__(self, directory: str | os.PathLike, verify: bool = False):
+        self.dir = Path(directory)
+        if not (self.dir / "manifest.json").is_file():
+            raise InputError(f"{self.dir}: no block store here (run `launch.py prepare` first)")
+        self.manifest = verify_manifest(self.dir, check_hashes=verify)
+        try:
+            self.table = pa.ipc.open_file(pa.memory_map(str(self.dir / "blocks.arrow"))).read_all()
+            docs = pa.ipc.open_file(pa.memory_map(str(self.dir / "docs.arrow"))).read_all()
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{self.dir}: corrupt block store: {e}") from None
+        tokens = self.table.column("token_ids").combine_chunks()
+        self._offsets = tokens.offsets.to_numpy()
+        self._values = tokens.values.to_numpy()
+        self._doc_ids = docs.column("doc_id").to_pylist()
+        self._doc_first = docs.column("first_block").to_numpy()
+        self._doc_count = docs.column("num_blocks").to_numpy()
+        self._doc_index: dict[str, int] | None = None
+        self.vocab_file = self.dir / "vocab.txt"
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def tokens(self, block_id: int) -> np.ndarray:
+        """int32 token ids of one block, `[CLS] title [SEP] text [SEP]` (a zero-copy view)."""
+        return self._values[self._offsets[block_id]:self._offsets[block_id + 1]]
+
+    def text(self, block_id: int) -> str:
+        return self.table.column("text")[block_id].as_py()
+
+    def title(self, block_id: int) -> str:
+        return self.table.column("title")[block_id].as_py()
+
+    def doc_id(self, block_id: int) -> str:
+        return self.table.column("doc_id")[block_id].as_py()
+
+    def doc_blocks(self, doc_id: str) -> range:
+        """Block ids of a document (an empty range if the id is unknown)."""
+        if self._doc_index is None:
+            self._doc_index = {d: i for i, d in enumerate(self._doc_ids)}
+        i = self._doc_index.get(doc_id)
+        if i is None:
+            return range(0)
+        return range(int(self._doc_first[i]), int(self._doc_first[i] + self._doc_count[i]))
+
+    def doc_of_blocks(self) -> np.ndarray:
+        """int64 [num_blocks]: index of the owning document for each block."""
+        return np.repeat(np.arange(len(self._doc_ids)), self._doc_count)

@@ -1,0 +1,185 @@
+"""The one place for reading user files and writing run files.
+
+Reading: `read_jsonl` / `read_records` turn every defect into an `InputError` whose message
+names file:line. Writing: `atomic_dir` / `atomic_write_bytes` write to a temporary sibling,
+fsync and rename, so a reader (or a later run) never sees a half-written file or directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class InputError(Exception):
+    """Bad user input or a damaged file; the message is one line naming file:line or key."""
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, object) for each non-blank line; errors name file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{p}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def require_str(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise InputError(f"{where}: missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InputError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def optional_str(obj: dict, key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Rows of a JSONL or Parquet file as (location, dict); location is 'file:line' or 'file:row N'."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not p.is_file():
+            raise InputError(f"{p}: file not found")
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # pyarrow raises several types for damaged files
+            raise InputError(f"{p}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{p}:row {i}", row
+    else:
+        for lineno, obj in read_jsonl(p):
+            yield f"{p}:{lineno}", obj
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp dir beside `path`; on success fsync it and rename it to `path`.
+
+    On any error the temp dir is removed and `path` is untouched. Temp dirs start with '.tmp-'
+    so listings of finished versions/checkpoints never match them.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{p.name}-", dir=p.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if p.exists():
+            if not overwrite:
+                raise FileExistsError(f"{p}: already exists")
+            old = p.parent / f".old-{p.name}-{os.getpid()}"
+            os.replace(p, old)
+            os.replace(tmp, p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: Path, meta: dict) -> None:
+    """manifest.json listing every file in `directory` with its sha256, plus `meta`."""
+    files = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != "manifest.json":
+            files[str(f.relative_to(directory))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    atomic_write_json(directory / "manifest.json", {**meta, "files": files})
+
+
+def verify_manifest(directory: str | os.PathLike, check_hashes: bool = True) -> dict:
+    """Load manifest.json and check every listed file exists with its size (and sha256)."""
+    d = Path(directory)
+    mpath = d / "manifest.json"
+    if not mpath.is_file():
+        raise InputError(f"{d}: incomplete or foreign directory (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{mpath}: corrupt manifest: {e}") from None
+    for name, info in manifest.get("files", {}).items():
+        f = d / name
+        if not f.is_file():
+            raise InputError(f"{f}: missing (listed in {mpath})")
+        if f.stat().st_size != info["bytes"]:
+            raise InputError(f"{f}: truncated or changed ({f.stat().st_size} bytes, manifest says {info['bytes']})")
+        if check_hashes and sha256_file(f) != info["sha256"]:
+            raise InputError(f"{f}: checksum mismatch (corrupt file)")
+    return manifest

@@ -1,0 +1,93 @@
+"""Exact top-k by inner product with faiss: one shard per slice of rows, merged across shards.
+
+Shapes at every boundary: queries `[B, dim] float32`; results scores `[B, k] float32` and ids
+`[B, k] int64` (global block ids), best first, padded with id -1 / score -inf when fewer than
+k rows exist; exclusions `[B, E] int64` block ids, -1 = padding.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import faiss
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+class FlatShard:
+    """Rows [offset, offset + n) of one index version in a faiss IndexFlatIP (GPU when present)."""
+
+    def __init__(self, embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.offset, self.rows, self.dim = offset, emb.shape[0], emb.shape[1]
+        index = faiss.IndexFlatIP(self.dim)
+        if (gpu_available() if use_gpu is None else use_gpu):
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index.add(emb)
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        kk = min(k, self.rows)
+        if kk == 0:
+            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+        scores, ids = self.index.search(q, kk)
+        ids = np.where(ids >= 0, ids + self.offset, -1).astype(np.int64)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        if kk < k:
+            scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        return scores, ids
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard (scores [B, k_i], ids [B, k_i]) into the global top-k.
+
+    Ties are broken by the smaller block id, so the result does not depend on shard order.
+    """
+    scores = np.concatenate([s for s, _ in results], axis=1)
+    ids = np.concatenate([i for _, i in results], axis=1)
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores.astype(np.float64)), axis=-1)
+    order = order[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def search_excluding(search, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k that never returns an excluded id: ask for k + E, drop exclusions, keep k.
+
+    `search(queries, k) -> (scores, ids)`; exact because at most E of the k + E are dropped.
+    """
+    if exclude is None or exclude.size == 0 or (exclude < 0).all():
+        return search(queries, k)
+    extra = int((exclude >= 0).sum(1).max())
+    scores, ids = search(queries, k + extra)
+    hit = (ids[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
+    keep = ~hit.any(-1)
+    out_s = np.full((len(ids), k), -np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    for r in range(len(ids)):
+        s, i = scores[r][keep[r]][:k], ids[r][keep[r]][:k]
+        out_s[r, :len(s)], out_i[r, :len(i)] = s, i
+    return out_s, out_i
+
+
+class ShardedIndex:
+    """Several FlatShards answering as one flat index (the single-process shard service)."""
+
+    def __init__(self, embeddings: np.ndarray, num_shards: int = 1, version: int = 0, checkpoint_step: int = 0,
+                 use_gpu: bool | None = None):
+        bounds = np.linspace(0, len(embeddings), num_shards + 1).astype(int)
+        self.shards = [FlatShard(embeddings[a:b], int(a), use_gpu) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.rows = len(embeddings)
+        self.embeddings = embeddings  # [rows, dim] float32, kept for re-scoring with a frozen doc tower
+        self.version, self.checkpoint_step = version, checkpoint_step
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return merge_topk([s.search(queries, k) for s in self.shards], k)
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """queries [B, dim] float32 -> scores [B, k] float32, ids [B, k] int64, excluded ids never returned."""
+        return search_excluding(self._search, queries, k, exclude)

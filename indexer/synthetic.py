@@ -1,0 +1,98 @@
+"""Synthetic knowledge: invented people whose attributes can only be read from their own document.
+
+Each entity gets one corpus document (title = its invented name) stating its home city, birth
+year, profession and instrument among filler sentences. Pre-training and eval statements say
+one attribute in *new wording*, with that attribute as the `answer` and the entity's document
+as `gold_id`. Eval statements are about entities never seen in pre-training statements, so
+predicting them needs retrieval + reading, not memorization. QA pairs ("What is the hometown of
+X?") follow the same split: qa_eval asks only about held-out entities.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from indexer.io import atomic_write_bytes
+
+SYLLABLES = ["ka", "lo", "mer", "vin", "tra", "dus", "pel", "qua", "ro", "zen", "bal", "fi", "gor", "hu", "ix",
+             "jo", "nar", "os", "ul", "wy", "sel", "tam", "bri", "cor", "dra", "eth", "fen", "gla", "ith", "mon"]
+CITIES = ["paris", "london", "berlin", "madrid", "rome", "vienna", "prague", "dublin", "oslo", "lisbon", "cairo",
+          "tokyo", "lima", "chicago", "boston", "seattle", "denver", "moscow", "athens", "warsaw", "sydney",
+          "toronto", "montreal", "houston", "dallas", "miami", "atlanta", "geneva", "munich", "milan"]
+PROFESSIONS = ["baker", "lawyer", "pilot", "farmer", "teacher", "doctor", "painter", "sailor", "chemist", "dentist",
+               "architect", "engineer", "journalist", "butcher", "carpenter", "surgeon", "poet", "banker", "nurse",
+               "astronomer", "librarian", "plumber", "soldier", "priest", "judge"]
+INSTRUMENTS = ["piano", "violin", "guitar", "flute", "drums", "cello", "trumpet", "harp", "clarinet", "saxophone",
+               "organ", "banjo", "accordion", "trombone", "oboe", "tuba", "harmonica", "bass", "ukulele", "mandolin"]
+FILLER = ["{p} enjoys long walks in the countryside.", "{p} has written letters to friends abroad.",
+          "Neighbours describe {o} as patient and kind.", "{p} keeps a small garden.",
+          "On weekends {p_l} visits the market.", "{p} collects old maps."]
+
+# Like a Wikipedia lead: the full name once, then the surname or a pronoun (short blocks keep the
+# tiny config fast; the name in the title and lead still identifies the block).
+LEADS = ["{n} is a {profession} from {city}.", "{n}, a {profession}, was raised in {city}."]
+DOC_FACTS = {
+    "year": ["{s} was born in {v}.", "Records show that {s} was born in {v}."],
+    "instrument": ["{p} plays the {v}.", "{p} learned the {v} as a child."],
+}
+QUESTIONS = {
+    "city": ["What is the hometown of {n}?", "Which city did {n} grow up in?"],
+    "year": ["In what year was {n} born?", "When was {n} born?"],
+    "profession": ["What is the occupation of {n}?", "What does {n} do for a living?"],
+    "instrument": ["Which instrument does {n} play?", "What musical instrument does {n} play?"],
+}
+STATEMENTS = {
+    "city": ["The hometown of {n} is {v}.", "{n} grew up in the city of {v}."],
+    "year": ["The birth year of {n} is {v}.", "{n} came into the world in {v}."],
+    "profession": ["By trade, {n} is a {v}.", "The occupation of {n} is {v}."],
+    "instrument": ["The musical instrument of {n} is the {v}.", "{n} is a player of the {v}."],
+}
+
+
+def _name(rng: np.random.Generator, used: set) -> str:
+    while True:
+        parts = ["".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4)))).capitalize() for _ in range(2)]
+        name = " ".join(parts)
+        if name not in used:
+            used.add(name)
+            return name
+
+
+def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(seed)
+    used: set = set()
+    corpus, train, evals, qa_train, qa_eval = [], [], [], [], []
+    n_eval = max(1, int(num_entities * eval_fraction))
+    for i in range(num_entities):
+        name = _name(rng, used)
+        values = {"city": str(rng.choice(CITIES)).capitalize(), "year": str(int(rng.integers(1700, 2000))),
+                  "profession": str(rng.choice(PROFESSIONS)), "instrument": str(rng.choice(INSTRUMENTS))}
+        he = bool(rng.integers(2))
+        pron = {"p": "He" if he else "She", "p_l": "he" if he else "she", "o": "him" if he else "her"}
+        lead = LEADS[int(rng.integers(2))].format(n=name, profession=values["profession"], city=values["city"])
+        facts = [DOC_FACTS[a][int(rng.integers(2))].format(s=name.split()[-1], v=values[a], **pron)
+                 for a in ("year", "instrument")]
+        facts.append(str(rng.choice(FILLER)).format(**pron))
+        doc_id = f"ent{i:05d}"
+        text = " ".join([lead] + [facts[j] for j in rng.permutation(len(facts))])
+        corpus.append({"id": doc_id, "title": name, "text": text})
+        held_out = i >= num_entities - n_eval
+        for attr, v in values.items():
+            text = STATEMENTS[attr][int(rng.integers(2))].format(n=name, v=v)
+            (evals if held_out else train).append({"text": text, "answer": v, "gold_id": doc_id, "attribute": attr})
+            question = QUESTIONS[attr][int(rng.integers(2))].format(n=name)
+            (qa_eval if held_out else qa_train).append({"question": question, "answers": [v], "gold_id": doc_id})
+    return {"corpus": corpus, "pretrain": train, "eval": evals, "qa_train": qa_train, "qa_eval": qa_eval}
+
+
+def write_synthetic(out_dir: Path, num_entities: int, seed: int = 0) -> dict[str, Path]:
+    """corpus, pretrain, eval, qa_train and qa_eval .jsonl under out_dir (each written atomically)."""
+    data = generate(num_entities, seed)
+    paths = {}
+    for name, rows in data.items():
+        path = out_dir / f"{name}.jsonl"
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        paths[name] = path
+    return paths

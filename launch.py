@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Single-node entry point: python launch.py <command> [--config configs/NAME.yaml] [dotted.key=value ...]
+
+Commands: prepare | ict | pretrain | finetune | evaluate | query. Every command reads from and
+writes into the config's run_dir (evaluate task=openqa scores exact match; query question="..."). Bad input exits with status 2 and one line naming the file:line or key.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--json", action="store_true", help="query: print one JSON object")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+
+    from indexer.io import InputError
+    from trainer.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from trainer import finetune, loop
+
+        if args.command == "finetune":
+            finetune.finetune(cfg)
+        elif args.command == "query":
+            finetune.query(cfg, as_json=args.json)
+        elif args.command == "evaluate" and cfg.task == "openqa":
+            finetune.evaluate_openqa(cfg)
+        else:
+            getattr(loop, args.command)(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# A small random BERT: unit tests exercise the real code paths in seconds.
+TINY_MODEL = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+              "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96", "threads=2"]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    from indexer.synthetic import write_synthetic
+
+    return write_synthetic(tmp_path / "data", num_entities=40, seed=3)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_corpus):
+    from trainer.config import load_config
+
+    def make(*overrides):
+        base = [f"run_dir={tmp_path / 'run'}", f"data.corpus={tiny_corpus['corpus']}",
+                f"data.pretrain={tiny_corpus['pretrain']}", f"data.eval={tiny_corpus['eval']}",
+                "retrieval.k=3", "eval.k=3", "ict.batch_size=8", "pretrain.batch_size=4"] + TINY_MODEL
+        return load_config(ROOT / "configs" / "tiny.yaml", base + list(overrides))
+
+    return make

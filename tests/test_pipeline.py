@@ -1,0 +1,81 @@
+"""The command chain prepare -> ict -> pretrain -> evaluate on a random tiny BERT (fast)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.io import InputError
+from indexer.versions import IndexVersions
+from trainer import loop
+from trainer.checkpoint import load_model, save_model
+
+
+def test_commands_chain_through_the_run_directory(tiny_cfg):
+    cfg = tiny_cfg("ict.steps=3", "pretrain.steps=4", "refresh.every_steps=2", "pretrain.log_every=1",
+                   "data.max_eval_examples=12")
+    summary = loop.prepare(cfg)
+    assert summary["num_docs"] == 40 and summary["train_examples"] > 0
+    loop.ict(cfg)
+    loop.pretrain(cfg)
+    metrics = loop.evaluate(cfg)
+    run = cfg.run_dir
+    assert json.loads(open(f"{run}/metrics.json").read()) == metrics
+    assert metrics["n"] == 12 and metrics["k"] == 3
+    for key in ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # ICT published v1; pretraining re-embedded at steps 0 and 2; evaluate reused none of them
+    # (the final model differs) and published its own.
+    versions = IndexVersions(f"{run}/index")
+    assert versions.current().version == 4 and len(versions.versions()) == cfg.refresh.keep_versions
+    events = [json.loads(line) for line in open(f"{run}/events.jsonl")]
+    steps = [e for e in events if e["job"] == "pretrain"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert [e["index_version"] for e in steps] == [2, 2, 3, 3]
+    assert [e["staleness"] for e in steps] == [1, 2, 1, 2]
+    assert metrics["index_version"] == 4
+    # a second evaluate finds the index built by this very model and does not re-embed
+    assert loop.evaluate(cfg)["index_version"] == 4
+
+
+def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path):
+    from trainer.model import build_realm
+
+    torch.manual_seed(0)
+    model = build_realm("random", 30522, 1, 1, 32, 2, 64, 16)
+    save_model(model, tmp_path / "m", step=7)
+    loaded, meta = load_model(tmp_path / "m")
+    assert meta["step"] == 7
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    heads = tmp_path / "m" / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:-10])
+    with pytest.raises(InputError, match="heads.safetensors: truncated or changed"):
+        load_model(tmp_path / "m")
+    with pytest.raises(InputError, match="checkpoint not found"):
+        load_model(tmp_path / "missing")
+
+
+def test_k_larger_than_corpus_is_refused(tiny_cfg):
+    cfg = tiny_cfg("retrieval.k=100000")
+    loop.prepare(cfg)
+    with pytest.raises(InputError, match="'retrieval.k': k=100000 is larger than the corpus"):
+        loop.pretrain(cfg)
+
+
+def test_corpus_sentences_exclude_their_own_block(tiny_corpus, tiny_cfg):
+    cfg = tiny_cfg("data.pretrain=", "data.eval=", "masking.ner=regex")
+    loop.prepare(cfg)
+    from trainer.data import read_examples
+
+    train = read_examples(f"{cfg.run_dir}/examples/train.parquet")
+    assert train and all(len(ex.exclude_blocks) == 1 and not ex.gold_blocks for ex in train)
+    run = loop.Run.open(cfg)
+    assert all(ex.text in run.store.text(ex.exclude_blocks[0]) for ex in train[:50])
+    rng = np.random.default_rng(0)
+    model = loop.fresh_model(cfg, run.vocab.size).eval()
+    index = loop.refresh_index(run, model, 0, "x")
+    queries = loop.sample_queries(train, run, 16, rng)
+    _, cand = loop.retrieve(model, index, run, queries, cfg.retrieval.k)
+    for q, row in zip(queries, cand):
+        assert q.exclude_blocks[0] not in row.tolist()

@@ -1,0 +1,1 @@
+"""Everything that has gradients: model math (plain torch), data, masking, loops, checkpoints."""

@@ -1,0 +1,155 @@
+"""Model checkpoints in the HF `save_pretrained` format (safetensors), written atomically.
+
+A model directory holds
+    query_encoder/ doc_encoder/ reader/   BertModel.save_pretrained (config.json + model.safetensors)
+    heads.safetensors                     projections, MLM head transform + bias, null score
+    realm.json                            kind, step, retrieval_dim, pooling, components
+    manifest.json                         sha256 of every file (checked on load)
+Nothing here unpickles: safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import BertModel
+
+from indexer.io import InputError, atomic_dir, verify_manifest, write_manifest
+from trainer.model import REALM, KnowledgeAugmentedEncoder, OpenQAModel, Retriever, Tower, build_bert
+
+COMPONENTS = ("query_encoder", "doc_encoder", "reader")
+KINDS = ("realm_model", "openqa_model")
+
+
+def _berts(model: REALM | OpenQAModel) -> dict[str, BertModel]:
+    r = model.retriever
+    reader = model.reader.bert if isinstance(model, REALM) else model.reader
+    return {"query_encoder": r.query_tower.encoder, "doc_encoder": r.doc_tower.encoder, "reader": reader}
+
+
+def _head_params(model: REALM | OpenQAModel) -> dict[str, torch.nn.Parameter]:
+    """Every parameter outside the three BERTs, by its name in heads.safetensors."""
+    r = model.retriever
+    params = {"query_proj.weight": r.query_tower.proj.weight, "query_proj.bias": r.query_tower.proj.bias,
+              "doc_proj.weight": r.doc_tower.proj.weight, "doc_proj.bias": r.doc_tower.proj.bias}
+    if isinstance(model, REALM):
+        h = model.reader.mlm_head
+        params.update({"mlm.dense.weight": h.dense.weight, "mlm.dense.bias": h.dense.bias,
+                       "mlm.norm.weight": h.norm.weight, "mlm.norm.bias": h.norm.bias, "mlm.bias": h.bias,
+                       "null_score": model.null_score})
+    else:
+        params.update({f"span.{n}": p for n, p in model.span_head.named_parameters()})
+    return params
+
+
+def save_model(model: REALM | OpenQAModel, directory: str | os.PathLike, step: int, extra: dict | None = None
+               ) -> Path:
+    """Write the whole model to `directory` atomically; returns the directory."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        for name, module in _berts(model).items():
+            module.save_pretrained(tmp / name, safe_serialization=True)
+        heads = {k: v.detach().float().cpu().contiguous() for k, v in _head_params(model).items()}
+        save_file(heads, str(tmp / "heads.safetensors"))
+        tower = model.retriever.query_tower
+        meta = {"kind": "realm_model" if isinstance(model, REALM) else "openqa_model", "step": step,
+                "retrieval_dim": tower.proj.out_features, "pooling": tower.pooling,
+                "vocab_size": tower.encoder.config.vocab_size, **(extra or {})}
+        (tmp / "realm.json").write_text(json.dumps(meta, indent=2))
+        write_manifest(tmp, meta)
+    return directory
+
+
+def _load_bert(path: Path) -> BertModel:
+    try:
+        return BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa",
+                                         local_files_only=True)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise InputError(f"{path}: corrupt or foreign BERT checkpoint: {str(e).splitlines()[0]}") from None
+
+
+def _read_meta(d: Path, verify: bool) -> dict:
+    if not d.is_dir():
+        raise InputError(f"{d}: checkpoint not found")
+    meta = verify_manifest(d, check_hashes=verify)
+    if meta.get("kind") not in KINDS:
+        raise InputError(f"{d}: not a REALM model checkpoint (kind={meta.get('kind')!r})")
+    return meta
+
+
+def load_model(directory: str | os.PathLike, verify: bool = True) -> tuple[REALM | OpenQAModel, dict]:
+    """Load a model directory written by `save_model`; refuse damaged or foreign ones."""
+    d = Path(directory)
+    meta = _read_meta(d, verify)
+    q, doc, reader = (_load_bert(d / c) for c in COMPONENTS)
+    retriever = Retriever(q, doc, meta["retrieval_dim"], meta["pooling"])
+    if meta["kind"] == "realm_model":
+        model = REALM(retriever, KnowledgeAugmentedEncoder(reader))
+    else:
+        model = OpenQAModel(retriever, reader)
+    load_heads(model, d / "heads.safetensors")
+    return model, meta
+
+
+def load_heads(model: REALM | OpenQAModel, path: Path) -> None:
+    try:
+        heads = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: corrupt: {e}") from None
+    params = _head_params(model)
+    for k, v in params.items():
+        if k not in heads or heads[k].shape != v.shape:
+            got = tuple(heads[k].shape) if k in heads else "missing"
+            raise InputError(f"{path}: tensor '{k}' is {got}, model expects {tuple(v.shape)} "
+                             "(checkpoint of another model size?)")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(heads[name])
+
+
+def load_doc_tower(directory: str | os.PathLike, verify: bool = True) -> tuple[Tower, dict]:
+    """Just what an embedding worker needs: the doc BERT and its projection."""
+    d = Path(directory)
+    meta = _read_meta(d, verify)
+    tower = Tower(_load_bert(d / "doc_encoder"), meta["retrieval_dim"], meta["pooling"])
+    try:
+        heads = load_file(str(d / "heads.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{d / 'heads.safetensors'}: corrupt: {e}") from None
+    with torch.no_grad():
+        tower.proj.weight.copy_(heads["doc_proj.weight"])
+        tower.proj.bias.copy_(heads["doc_proj.bias"])
+    return tower, meta
+
+
+def fresh_model(cfg, vocab_size: int) -> REALM:
+    """Three BERTs from `model.init` (one load, two copies)."""
+    from trainer.model import build_realm
+
+    m = cfg.model
+    return build_realm(m.init, vocab_size, m.retriever_layers, m.reader_layers, m.hidden_size, m.num_heads,
+                       m.intermediate_size, m.retrieval_dim, m.pooling)
+
+
+def fresh_reader(cfg, vocab_size: int) -> KnowledgeAugmentedEncoder:
+    m = cfg.model
+    return KnowledgeAugmentedEncoder(build_bert(m.init, vocab_size, m.reader_layers, m.hidden_size, m.num_heads,
+                                                m.intermediate_size))
+
+
+def step_dirs(parent: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Finished `step_N` directories under parent, oldest first (temp dirs never match)."""
+    p = Path(parent)
+    if not p.is_dir():
+        return []
+    found = []
+    for child in p.iterdir():
+        m = re.fullmatch(r"step_(\d+)", child.name)
+        if m and (child / "manifest.json").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)

