@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from indexer.io import InputError
+from tests.conftest import write_jsonl
+from trainer.model import SpanHead, span_marginal_log_likelihood
+from trainer.qa import answer_in_text, exact_match, normalize_answer, read_qa
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The Beatles", "beatles"),
+    ("  a  Tale of Two   Cities! ", "tale of two cities"),
+    ("U.S.A.", "usa"),
+    ("An apple, the pear and a plum.", "apple pear and plum"),
+    ("Theodore", "theodore"),          # 'the' inside a word stays
+    ("1,000", "1000"),
+    ("Don't", "dont"),
+])
+def test_normalization_follows_squad_conventions(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_exact_match_against_answer_lists():
+    assert exact_match("the Eiffel Tower", ["Eiffel Tower", "La tour Eiffel"])
+    assert exact_match("Eiffel tower.", ["The Eiffel Tower"])
+    assert not exact_match("Eiffel", ["Eiffel Tower"])
+    assert not exact_match("", ["x"])
+
+
+def test_regex_answers_match_as_regular_expressions():
+    answers = [r"\b(1,?000|one thousand)\b"]
+    assert exact_match("about 1000 people", answers, is_regex=True)
+    assert exact_match("One Thousand", answers, is_regex=True)
+    assert not exact_match("10000", answers, is_regex=True)
+    assert answer_in_text("It had one thousand rooms.", answers, is_regex=True)
+
+
+def test_answer_in_text_matches_whole_normalized_tokens():
+    assert answer_in_text("He was born in Paris, France.", ["paris"])
+    assert not answer_in_text("He was born in Parisville.", ["Paris"])
+
+
+def test_qa_reader_accepts_answers_and_nq_answer_and_names_bad_lines(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q1?", "answers": ["a"]},
+                                               {"question": "q2?", "answer": ["b", "c"]},
+                                               {"question": "q3?", "answer": ["x+"], "answer_is_regex": True}])
+    qa = read_qa(str(path))
+    assert [q.answers for q in qa] == [["a"], ["b", "c"], ["x+"]] and qa[2].is_regex
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q1?", "answers": ["a"]}, {"question": "q2?"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: field 'answers'"):
+        read_qa(str(bad))
+
+
+def test_span_marginalization_equals_brute_force_sum():
+    torch.manual_seed(0)
+    B, K, L, A = 2, 3, 5, 2
+    retrieval = torch.randn(B, K, dtype=torch.float64)
+    spans = torch.randn(B, K, L, A, dtype=torch.float64)
+    spans[:, :, -1, 1] = float("-inf")           # a span that runs past the block
+    answer = torch.zeros(B, K, L, A, dtype=torch.bool)
+    answer[0, 0, 1, 0] = answer[0, 2, 3, 1] = answer[0, 2, 0, 0] = True
+    answer[1, 1, 2, 1] = True
+    got = span_marginal_log_likelihood(retrieval, spans, answer)
+    for b in range(B):
+        p_z = torch.softmax(retrieval[b], 0)
+        total = 0.0
+        for k in range(K):
+            valid = spans[b, k][torch.isfinite(spans[b, k])]
+            z_norm = sum(math.exp(v) for v in valid.tolist())
+            total += p_z[k].item() * sum(math.exp(spans[b, k, i, a].item()) / z_norm
+                                         for i in range(L) for a in range(A) if answer[b, k, i, a])
+        assert got[b].item() == pytest.approx(math.log(total), rel=1e-6)  # float32 inside
+
+
+def test_span_head_scores_only_allowed_spans():
+    head = SpanHead(8)
+    h = torch.randn(2, 6, 8)
+    allowed = torch.zeros(2, 6, 3, dtype=torch.bool)
+    allowed[:, 2:4, :2] = True
+    scores = head(h, allowed)
+    assert torch.isfinite(scores[allowed]).all() and torch.isinf(scores[~allowed]).all()
+
+
+def test_finetune_trains_query_tower_and_reader_but_never_the_doc_encoder(tiny_cfg, tiny_corpus):
+    import json
+
+    from trainer import finetune, loop
+    from trainer.checkpoint import load_model
+
+    cfg = tiny_cfg("ict.steps=2", f"data.qa_train={tiny_corpus['qa_train']}", f"data.qa_eval={tiny_corpus['qa_eval']}",
+                   "finetune.steps=3", "finetune.k=3", "finetune.batch_size=4", "finetune.retriever_lr=1e-3",
+                   "data.max_eval_examples=6", "task=openqa", "question=What is the hometown of Nobody?")
+    loop.prepare(cfg)
+    loop.ict(cfg)
+    start, _ = load_model(f"{cfg.run_dir}/models/ict")
+    finetune.finetune(cfg)
+    tuned, meta = load_model(f"{cfg.run_dir}/models/qa")
+    assert meta["kind"] == "openqa_model"
+    for (name, p0), p1 in zip(start.retriever.doc_tower.state_dict().items(),
+                              tuned.retriever.doc_tower.state_dict().values()):
+        assert torch.equal(p0, p1), name
+    changed = [not torch.equal(a, b) for a, b in zip(start.retriever.query_tower.state_dict().values(),
+                                                    tuned.retriever.query_tower.state_dict().values())]
+    assert any(changed)
+    metrics = finetune.evaluate_openqa(cfg)
+    assert metrics["n"] == 6 and metrics["k"] == 3 and 0 <= metrics["exact_match"] <= 1
+    preds = [json.loads(line) for line in open(f"{cfg.run_dir}/predictions.jsonl")]
+    assert len(preds) == 6 and all(len(p["top_k"]) == 3 and len(p["scores"]) == 3 for p in preds)
+    # the index the QA model reads is the one its (frozen) doc encoder built at ICT time
+    assert metrics["index_version"] == 1
+    result = finetune.query(cfg, as_json=True)
+    assert result["question"] == cfg.question and len(result["blocks"]) == 3
