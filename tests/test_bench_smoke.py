@@ -1,0 +1,106 @@
+"""The benchmark scripts run end to end (--smoke: tiny shapes, CPU, seconds) and write their table."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, results: Path, *extra: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--device", "cpu",
+                           "--results", str(results), *extra],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return results.read_text()
+
+
+def table(text: str, first_col: str) -> list[dict[str, str]]:
+    """The first markdown table in `text` whose header starts with `first_col`, as dicts."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_col} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))))
+    return rows
+
+
+def check_section(text: str, title: str) -> None:
+    assert text.startswith("# Benchmark results")
+    assert f"## {title}" in text
+    for key in ("- commit:", "- cpu:", "- torch:", "- config:", "- command:"):
+        assert key in text
+
+
+def test_embed_throughput_smoke(tmp_path):
+    text = run_bench("embed_throughput.py", tmp_path / "R.md")
+    check_section(text, "Doc-encoder embedding throughput")
+    rows = table(text, "batch")
+    assert {(r["precision"], r["attn"]) for r in rows} == {("fp32", "eager"), ("fp32", "sdpa")}
+    assert all(float(r["blocks/s"].replace(",", "")) > 0 for r in rows)
+    assert {r["x base(same batch)"] for r in rows if r["attn"] == "eager"} == {"1.00"}
+    assert all(r["MFU(bf16 peak)"] == "n/a" for r in rows)  # no peak for a CPU
+
+
+def test_train_step_smoke(tmp_path):
+    text = run_bench("train_step.py", tmp_path / "R.md")
+    check_section(text, "REALM training step")
+    (row,) = table(text, "batch")
+    shares = [float(row[f"{p} %"]) for p in ("retrieval", "re-encode", "reader", "bwd+opt")]
+    assert all(s > 0 for s in shares) and abs(sum(shares) - 100) < 0.5
+    assert float(row["examples/s"].replace(",", "")) > 0
+
+
+def test_topk_smoke_recall_and_prepend(tmp_path):
+    results = tmp_path / "R.md"
+    results.write_text("# Benchmark results\n\nNewest first. Written by `bench/*.py` (see bench/README.md); "
+                       "do not edit by hand.\n\n## older section\n\nkept\n")
+    # --torch on: the chunked torch path (our GPU path) runs on CPU too, so CI covers its code.
+    text = run_bench("topk.py", results, "--torch", "on", "--torch-dtypes", "fp32")
+    check_section(text, "Exact top-8 search")
+    rows = table(text, "rows")
+    assert {r["method"] for r in rows} >= {"numpy (HF)", "faiss flat", "sharded x4", "torch cpu fp32"}
+    assert {r["batch"] for r in rows} == {"1", "512"}
+    assert [r["recall"] for r in rows] == ["1.0"] * len(rows)
+    # Newest first: the new section sits above the older one, which is kept.
+    assert text.index("## Exact top-8 search") < text.index("## older section") and text.rstrip().endswith("kept")
+
+
+def test_flop_count_matches_hand_derivation():
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from bench.common import (
+        bert_encoder_flops,
+        bert_layer_flops_per_token,
+        peak_bf16_flops,
+    )
+
+    h, L = 768, 288
+    assert bert_layer_flops_per_token(L, h, 4 * h) == 24 * h * h + 4 * L * h
+    assert bert_encoder_flops(2, L, 12, h, 4 * h) == 2 * L * 12 * (24 * h * h + 4 * L * h)
+    assert peak_bf16_flops(torch.device("cpu")) is None  # MFU is "n/a" on a CPU
+
+
+def test_torch_fallback_index_matches_sharded_index_with_exclusions():
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+
+    from bench.train_step import TorchIndex
+    from indexer.shards import ShardedIndex
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1000, 16), dtype=np.float32)
+    q = rng.standard_normal((5, 16), dtype=np.float32)
+    top1 = (q @ emb.T).argmax(1)
+    exclude = np.stack([top1, np.full(5, -1)], 1)  # the best row is excluded; -1 is padding
+    ref_s, ref_i = ShardedIndex(emb, 3).search(q, 4, exclude)
+    got_s, got_i = TorchIndex(emb, torch.device("cpu")).search(q, 4, exclude)
+    assert (got_i == ref_i).all() and not np.isin(top1, got_i).any()
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-5)
