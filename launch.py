@@ -2,7 +2,8 @@
 """Single-node entry point: python launch.py <command> [--config configs/NAME.yaml] [dotted.key=value ...]
 
 Commands: prepare | ict | pretrain | finetune | evaluate | query. Every command reads from and
-writes into the config's run_dir (evaluate task=openqa scores exact match; query question="..."). Bad input exits with status 2 and one line naming the file:line or key.
+writes into the config's run_dir (evaluate task=openqa scores exact match; query question="...").
+Bad input exits with status 2 and one line naming the file:line or key.
 """
 from __future__ import annotations
 

@@ -6,9 +6,8 @@ k rows exist; exclusions `[B, E] int64` block ids, -1 = padding.
 """
 from __future__ import annotations
 
-import numpy as np
-
 import faiss
+import numpy as np
 
 
 def gpu_available() -> bool:

@@ -26,16 +26,17 @@ PROFESSIONS = ["baker", "lawyer", "pilot", "farmer", "teacher", "doctor", "paint
                "astronomer", "librarian", "plumber", "soldier", "priest", "judge"]
 INSTRUMENTS = ["piano", "violin", "guitar", "flute", "drums", "cello", "trumpet", "harp", "clarinet", "saxophone",
                "organ", "banjo", "accordion", "trombone", "oboe", "tuba", "harmonica", "bass", "ukulele", "mandolin"]
-FILLER = ["{p} enjoys long walks in the countryside.", "{p} has written letters to friends abroad.",
-          "Neighbours describe {o} as patient and kind.", "{p} keeps a small garden.",
-          "On weekends {p_l} visits the market.", "{p} collects old maps."]
+FILLER = ["{n} enjoys long walks in the countryside.", "{n} has written letters to friends abroad.",
+          "Neighbours describe {n} as patient and kind.", "{n} keeps a small garden.",
+          "On weekends {n} visits the market.", "{n} collects old maps."]
 
-# Like a Wikipedia lead: the full name once, then the surname or a pronoun (short blocks keep the
-# tiny config fast; the name in the title and lead still identifies the block).
-LEADS = ["{n} is a {profession} from {city}.", "{n}, a {profession}, was raised in {city}."]
+# Every sentence names its entity, so any sentence identifies the block (the Inverse Cloze Task
+# needs that); one fact per sentence, one filler, short blocks to keep the tiny config fast.
 DOC_FACTS = {
-    "year": ["{s} was born in {v}.", "Records show that {s} was born in {v}."],
-    "instrument": ["{p} plays the {v}.", "{p} learned the {v} as a child."],
+    "city": ["{n} was raised in {v}.", "{n} comes from {v}."],
+    "year": ["{n} was born in {v}.", "Records show that {n} was born in {v}."],
+    "profession": ["{n} works as a {v}.", "{n} is employed as a {v}."],
+    "instrument": ["{n} plays the {v}.", "{n} learned the {v} as a child."],
 }
 QUESTIONS = {
     "city": ["What is the hometown of {n}?", "Which city did {n} grow up in?"],
@@ -69,14 +70,10 @@ def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2) -> di
         name = _name(rng, used)
         values = {"city": str(rng.choice(CITIES)).capitalize(), "year": str(int(rng.integers(1700, 2000))),
                   "profession": str(rng.choice(PROFESSIONS)), "instrument": str(rng.choice(INSTRUMENTS))}
-        he = bool(rng.integers(2))
-        pron = {"p": "He" if he else "She", "p_l": "he" if he else "she", "o": "him" if he else "her"}
-        lead = LEADS[int(rng.integers(2))].format(n=name, profession=values["profession"], city=values["city"])
-        facts = [DOC_FACTS[a][int(rng.integers(2))].format(s=name.split()[-1], v=values[a], **pron)
-                 for a in ("year", "instrument")]
-        facts.append(str(rng.choice(FILLER)).format(**pron))
+        sentences = [DOC_FACTS[a][int(rng.integers(2))].format(n=name, v=v) for a, v in values.items()]
+        sentences.append(str(rng.choice(FILLER)).format(n=name))
         doc_id = f"ent{i:05d}"
-        text = " ".join([lead] + [facts[j] for j in rng.permutation(len(facts))])
+        text = " ".join(sentences[j] for j in rng.permutation(len(sentences)))
         corpus.append({"id": doc_id, "title": name, "text": text})
         held_out = i >= num_entities - n_eval
         for attr, v in values.items():

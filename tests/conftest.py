@@ -14,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # A small random BERT: unit tests exercise the real code paths in seconds.
 TINY_MODEL = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
-              "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96", "threads=2"]
+              "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32",
+              "model.reader_max_len=96", "threads=2"]
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from indexer.io import InputError
 from tests.conftest import ROOT, write_jsonl
 from trainer.config import load_config, valid_keys
-from indexer.io import InputError
 
 GOOD = {"id": "a", "title": "T", "text": "Alice went to Paris in 1990."}
 

@@ -108,6 +108,7 @@ class FinetuneConfig:
     max_answer_len: int = 10       # wordpieces
     init: str = "auto"             # auto (realm if present, else ict) | realm | ict | <dir>
     retrieval: str = "index"       # index | random (a reader without a retriever, as a baseline)
+    name: str = "qa"               # writes run_dir/models/<name>; evaluate/query with eval.model=<name>
 
 
 @dataclass

@@ -166,11 +166,7 @@ def load_qa_system(cfg: Config, spec: str) -> QASystem:
 
 
 def resolve_qa_model_dir(run_dir: Path, spec: str) -> Path:
-    if spec == "auto":
-        for name in ("qa", "realm", "ict"):
-            if (run_dir / "models" / name).is_dir():
-                return run_dir / "models" / name
-    return resolve_model_dir(run_dir, spec)
+    return resolve_model_dir(run_dir, spec, auto=("qa", "realm", "ict"))
 
 
 def qa_file(cfg: Config, key: str) -> str:
@@ -210,10 +206,10 @@ def finetune(cfg: Config) -> dict:
             engine.step(-ll[found].mean())
         if step % cfg.pretrain.log_every == 0 or step == c.steps:
             loss = float(-ll[found].mean()) if found.any() else float("nan")
-            log.log(step, loss=loss, answer_found=float(found.float().mean()), elapsed=time.time() - t0)
-            print(f"finetune step {step}/{c.steps} loss {loss:.3f} answer in top-{c.k} {float(found.float().mean()):.2f}",
-                  flush=True)
-    save_model(model, system.run.dir / "models" / "qa", step=c.steps,
+            found_share = float(found.float().mean())
+            log.log(step, loss=loss, answer_found=found_share, elapsed=time.time() - t0)
+            print(f"finetune step {step}/{c.steps} loss {loss:.3f} answer in top-{c.k} {found_share:.2f}", flush=True)
+    save_model(model, system.run.dir / "models" / c.name, step=c.steps,
                extra={"stage": "qa", "init": init, "doc_encoder_id": system.meta.get("doc_encoder_id", ""),
                       "retrieval": c.retrieval})
     log.close()

@@ -35,6 +35,7 @@ from trainer.engine import TorchEngine, param_groups
 from trainer.metrics import MetricsLogger
 from trainer.model import REALM
 
+
 def pick_device(cfg: Config) -> torch.device:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -53,7 +54,7 @@ class Run:
     device: torch.device
 
     @classmethod
-    def open(cls, cfg: Config) -> "Run":
+    def open(cls, cfg: Config) -> Run:
         run_dir = Path(cfg.run_dir)
         store = BlockStore(run_dir / "blocks")
         tok = load_tokenizer(store.vocab_file)
@@ -231,15 +232,17 @@ def _gold_rank_hits(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | N
 
 # ---- evaluation --------------------------------------------------------------------------------
 
-def resolve_model_dir(run_dir: Path, spec: str) -> Path:
-    if spec in ("ict", "realm"):
-        return run_dir / "models" / spec
+def resolve_model_dir(run_dir: Path, spec: str, auto: tuple[str, ...] = ("realm", "ict")) -> Path:
+    """`auto` = the first of `auto` under run_dir/models; a name there; else a directory path."""
     if spec == "auto":
-        for name in ("realm", "ict"):
+        for name in auto:
             if (run_dir / "models" / name).is_dir():
                 return run_dir / "models" / name
         raise InputError(f"{run_dir}/models: no trained model (run `launch.py ict` or `pretrain` first)")
+    if (run_dir / "models" / spec).is_dir() or spec in ("ict", "realm"):
+        return run_dir / "models" / spec
     return Path(spec)
+
 
 @torch.no_grad()
 def evaluate(cfg: Config) -> dict:
@@ -280,5 +283,3 @@ def evaluate(cfg: Config) -> dict:
     atomic_write_json(run.dir / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     return metrics
-
-__all__ = ["prepare", "ict", "pretrain", "evaluate", "marginal_log_likelihood"]

@@ -155,7 +155,7 @@ class RealmBatch:
     targets: torch.Tensor
     target_mask: torch.Tensor
 
-    def to(self, device) -> "RealmBatch":
+    def to(self, device) -> RealmBatch:
         return RealmBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 
