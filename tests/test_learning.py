@@ -3,7 +3,7 @@
 The corpus (indexer/synthetic.py) holds invented people whose attributes appear only in their own
 document; eval statements are about people never seen in pre-training, so the masked attribute
 can only be predicted by retrieving that document and reading it. Runs the documented commands
-with configs/tiny.yaml on a smaller corpus: about 10 minutes on 2 CPU cores.
+with configs/tiny.yaml unchanged (600 entities): about 25 minutes on 2 CPU cores.
 """
 import json
 
@@ -18,9 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_realm_learns_to_retrieve_and_read_synthetic_knowledge(tmp_path):
     def cfg(*extra):
-        return load_config(ROOT / "configs" / "tiny.yaml",
-                           [f"run_dir={tmp_path / 'run'}", "data.synthetic_entities=300",
-                            "data.max_eval_examples=200", *extra])
+        return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", *extra])
 
     loop.prepare(cfg())
     loop.ict(cfg())
@@ -29,7 +27,7 @@ def test_realm_learns_to_retrieve_and_read_synthetic_knowledge(tmp_path):
     realm = loop.evaluate(cfg("eval.model=realm"))
     print(json.dumps({"ict": ict, "realm": realm}, indent=2))
 
-    chance = ict["k"] / 300  # one gold document among 300 single-block documents
+    chance = ict["k"] / cfg().data.synthetic_entities  # one gold document among single-block documents
     assert ict["retrieval_recall_at_k"] > 10 * chance
-    assert realm["retrieval_recall_at_k"] >= ict["retrieval_recall_at_k"]
+    assert realm["retrieval_recall_at_k"] > ict["retrieval_recall_at_k"]
     assert realm["mlm_accuracy"] >= realm["mlm_accuracy_no_retrieval"] + 0.3
