@@ -205,7 +205,7 @@ def finetune(cfg: Config) -> dict:
         if found.any():
             engine.step(-ll[found].mean())
         if step % cfg.pretrain.log_every == 0 or step == c.steps:
-            loss = float(-ll[found].mean()) if found.any() else float("nan")
+            loss = -ll[found].mean().item() if found.any() else float("nan")
             found_share = float(found.float().mean())
             log.log(step, loss=loss, answer_found=found_share, elapsed=time.time() - t0)
             print(f"finetune step {step}/{c.steps} loss {loss:.3f} answer in top-{c.k} {found_share:.2f}", flush=True)
