@@ -43,6 +43,7 @@ def pick_device(cfg: Config) -> torch.device:
         return torch.device("cuda")
     return torch.device("cpu")
 
+
 @dataclass
 class Run:
     """What every command after `prepare` opens: the run dir, block store and tokenizer."""
@@ -64,7 +65,9 @@ class Run:
     def versions(self) -> IndexVersions:
         return IndexVersions(self.dir / "index")
 
+
 # ---- prepare -----------------------------------------------------------------------------------
+
 
 def prepare(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
@@ -94,7 +97,9 @@ def prepare(cfg: Config) -> dict:
     print(json.dumps(summary))
     return summary
 
+
 # ---- index -------------------------------------------------------------------------------------
+
 
 def refresh_index(run: Run, model, step: int, doc_encoder_id: str, shards: int = 1) -> ShardedIndex:
     """Stop-the-world refresh: embed every block with the current doc encoder, publish, load."""
@@ -103,6 +108,7 @@ def refresh_index(run: Run, model, step: int, doc_encoder_id: str, shards: int =
     v = run.versions.publish(emb, checkpoint_step=step, extra={"doc_encoder_id": doc_encoder_id})
     run.versions.gc(run.cfg.refresh.keep_versions)
     return ShardedIndex(emb, shards, v.version, step)
+
 
 def index_for_model(run: Run, model, meta: dict) -> ShardedIndex:
     """The CURRENT index if this model's doc encoder built it, else a fresh one (published)."""
@@ -114,11 +120,14 @@ def index_for_model(run: Run, model, meta: dict) -> ShardedIndex:
             return ShardedIndex(IndexVersions.load_rows(v), 1, v.version, v.checkpoint_step)
     return refresh_index(run, model, meta.get("step", 0), doc_encoder_id)
 
+
 def check_k(k: int, store: BlockStore, key: str) -> None:
     if k > len(store):
         raise InputError(f"config key '{key}': k={k} is larger than the corpus ({len(store)} blocks)")
 
+
 # ---- ICT ---------------------------------------------------------------------------------------
+
 
 def ict(cfg: Config) -> dict:
     """Inverse Cloze Task: a sentence retrieves its own block among in-batch negatives."""
@@ -151,7 +160,9 @@ def ict(cfg: Config) -> dict:
     log.close()
     return {"steps": c.steps, "seconds": time.time() - t0}
 
+
 # ---- REALM pre-training ------------------------------------------------------------------------
+
 
 def sample_queries(examples: list, run: Run, n: int, rng: np.random.Generator) -> list[D.MaskedQuery]:
     out = []
@@ -162,6 +173,7 @@ def sample_queries(examples: list, run: Run, n: int, rng: np.random.Generator) -
             out.append(q)
     return out
 
+
 @torch.no_grad()
 def retrieve(model: REALM, index: ShardedIndex, run: Run, queries: list[D.MaskedQuery], k: int
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -169,6 +181,7 @@ def retrieve(model: REALM, index: ShardedIndex, run: Run, queries: list[D.Masked
     ids, mask = D.pad_batch([q.ids for q in queries], run.vocab.pad)
     emb = model.retriever.embed_queries(ids.to(run.device), mask.to(run.device)).float().cpu().numpy()
     return index.search(emb, k, D.exclusion_matrix(queries))
+
 
 def initial_model(run: Run) -> tuple[REALM, str]:
     ict_dir = run.dir / "models" / "ict"
@@ -178,6 +191,7 @@ def initial_model(run: Run) -> tuple[REALM, str]:
     print("warning: no ICT checkpoint in the run directory; starting from model.init without a warm "
           "retriever (REALM may get no retrieval signal: run `launch.py ict` first)", file=sys.stderr)
     return fresh_model(run.cfg, run.vocab.size), run.cfg.model.init
+
 
 def pretrain(cfg: Config) -> dict:
     run = Run.open(cfg)
@@ -224,13 +238,16 @@ def pretrain(cfg: Config) -> dict:
     log.close()
     return {"steps": c.steps, "seconds": time.time() - t0}
 
+
 def _gold_rank_hits(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | None:
     has_gold = [i for i, q in enumerate(queries) if q.gold_blocks]
     if not has_gold:
         return None
     return float(np.mean([bool(set(cand[i].tolist()) & set(queries[i].gold_blocks)) for i in has_gold]))
 
+
 # ---- evaluation --------------------------------------------------------------------------------
+
 
 def resolve_model_dir(run_dir: Path, spec: str, auto: tuple[str, ...] = ("realm", "ict")) -> Path:
     """`auto` = the first of `auto` under run_dir/models; a name there; else a directory path."""
