@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 from trainer import loop
 from trainer.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # setup.cfg's 1200 s default is for the rest
 
 
 def test_realm_learns_to_retrieve_and_read_synthetic_knowledge(tmp_path):
