@@ -169,7 +169,3 @@ class BlockStore:
         if i is None:
             return range(0)
         return range(int(self._doc_first[i]), int(self._doc_first[i] + self._doc_count[i]))
-
-    def doc_of_blocks(self) -> np.ndarray:
-        """int64 [num_blocks]: index of the owning document for each block."""
-        return np.repeat(np.arange(len(self._doc_ids)), self._doc_count)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
 from indexer.io import InputError, atomic_dir, verify_manifest, write_manifest
-from trainer.model import REALM, KnowledgeAugmentedEncoder, OpenQAModel, Retriever, Tower, build_bert
+from trainer.model import REALM, KnowledgeAugmentedEncoder, OpenQAModel, Retriever
 
 COMPONENTS = ("query_encoder", "doc_encoder", "reader")
 KINDS = ("realm_model", "openqa_model")
@@ -112,21 +112,6 @@ def load_heads(model: REALM | OpenQAModel, path: Path) -> None:
             param.copy_(heads[name])
 
 
-def load_doc_tower(directory: str | os.PathLike, verify: bool = True) -> tuple[Tower, dict]:
-    """Just what an embedding worker needs: the doc BERT and its projection."""
-    d = Path(directory)
-    meta = _read_meta(d, verify)
-    tower = Tower(_load_bert(d / "doc_encoder"), meta["retrieval_dim"], meta["pooling"])
-    try:
-        heads = load_file(str(d / "heads.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"{d / 'heads.safetensors'}: corrupt: {e}") from None
-    with torch.no_grad():
-        tower.proj.weight.copy_(heads["doc_proj.weight"])
-        tower.proj.bias.copy_(heads["doc_proj.bias"])
-    return tower, meta
-
-
 def fresh_model(cfg, vocab_size: int) -> REALM:
     """Three BERTs from `model.init` (one load, two copies)."""
     from trainer.model import build_realm
@@ -134,12 +119,6 @@ def fresh_model(cfg, vocab_size: int) -> REALM:
     m = cfg.model
     return build_realm(m.init, vocab_size, m.retriever_layers, m.reader_layers, m.hidden_size, m.num_heads,
                        m.intermediate_size, m.retrieval_dim, m.pooling)
-
-
-def fresh_reader(cfg, vocab_size: int) -> KnowledgeAugmentedEncoder:
-    m = cfg.model
-    return KnowledgeAugmentedEncoder(build_bert(m.init, vocab_size, m.reader_layers, m.hidden_size, m.num_heads,
-                                                m.intermediate_size))
 
 
 def step_dirs(parent: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -75,10 +75,6 @@ def _spacy():
         return None
 
 
-def spacy_available() -> bool:
-    return _spacy() is not None
-
-
 def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, non-overlapping spans; an overlap keeps the longer span."""
     out: list[tuple[int, int]] = []
