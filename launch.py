@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from trainer import finetune, loop
+        from trainer import finetune, loop, pretrain
 
-        if args.command == "finetune":
+        if args.command == "pretrain":
+            pretrain.pretrain(cfg)
+        elif args.command == "finetune":
             finetune.finetune(cfg)
         elif args.command == "query":
             finetune.query(cfg, as_json=args.json)

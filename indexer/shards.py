@@ -52,16 +52,18 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def search_excluding(search, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k that never returns an excluded id: ask for k + E, drop exclusions, keep k.
+def exclusion_extra(exclude: np.ndarray | None) -> int:
+    """How many more than k to ask for so that k survive dropping the exclusions: max E per row."""
+    if exclude is None or exclude.size == 0:
+        return 0
+    return int((exclude >= 0).sum(1).max())
 
-    `search(queries, k) -> (scores, ids)`; exact because at most E of the k + E are dropped.
-    """
-    if exclude is None or exclude.size == 0 or (exclude < 0).all():
-        return search(queries, k)
-    extra = int((exclude >= 0).sum(1).max())
-    scores, ids = search(queries, k + extra)
+
+def drop_excluded(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray | None, k: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """From a top-(k + E) result, drop excluded ids and keep the best k (exact: at most E dropped)."""
+    if not exclusion_extra(exclude):
+        return scores[:, :k], ids[:, :k]
     hit = (ids[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
     keep = ~hit.any(-1)
     out_s = np.full((len(ids), k), -np.inf, np.float32)
@@ -70,6 +72,13 @@ def search_excluding(search, queries: np.ndarray, k: int, exclude: np.ndarray | 
         s, i = scores[r][keep[r]][:k], ids[r][keep[r]][:k]
         out_s[r, :len(s)], out_i[r, :len(i)] = s, i
     return out_s, out_i
+
+
+def search_excluding(search, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k that never returns an excluded id; `search(queries, k) -> (scores, ids)`."""
+    scores, ids = search(queries, k + exclusion_extra(exclude))
+    return drop_excluded(scores, ids, exclude, k)
 
 
 class ShardedIndex:

@@ -144,6 +144,12 @@ class IndexVersions:
             raise InputError(f"{pointer}: points to '{name}', which is not a complete index version")
         return self.open(path)
 
+    @staticmethod
+    def read_manifest(path: str | os.PathLike) -> dict:
+        """A committed version's manifest (files present with their sizes; hashes are checked
+        by `load_rows`, where the rows are read)."""
+        return verify_manifest(path, check_hashes=False)
+
     def open(self, path: str | os.PathLike, verify: bool = False) -> IndexVersion:
         meta = verify_manifest(path, check_hashes=verify)
         if meta.get("kind") != "index_version":

@@ -9,6 +9,7 @@ from indexer.io import InputError
 from indexer.versions import IndexVersions
 from trainer import loop
 from trainer.checkpoint import load_model, save_model
+from trainer.pretrain import pretrain
 
 
 def test_commands_chain_through_the_run_directory(tiny_cfg):
@@ -17,7 +18,7 @@ def test_commands_chain_through_the_run_directory(tiny_cfg):
     summary = loop.prepare(cfg)
     assert summary["num_docs"] == 40 and summary["train_examples"] > 0
     loop.ict(cfg)
-    loop.pretrain(cfg)
+    pretrain(cfg)
     metrics = loop.evaluate(cfg)
     run = cfg.run_dir
     assert json.loads(open(f"{run}/metrics.json").read()) == metrics
@@ -60,7 +61,7 @@ def test_k_larger_than_corpus_is_refused(tiny_cfg):
     cfg = tiny_cfg("retrieval.k=100000")
     loop.prepare(cfg)
     with pytest.raises(InputError, match="'retrieval.k': k=100000 is larger than the corpus"):
-        loop.pretrain(cfg)
+        pretrain(cfg)
 
 
 def test_corpus_sentences_exclude_their_own_block(tiny_corpus, tiny_cfg):

@@ -5,13 +5,16 @@ A model directory holds
     heads.safetensors                     projections, MLM head transform + bias, null score
     realm.json                            kind, step, retrieval_dim, pooling, components
     manifest.json                         sha256 of every file (checked on load)
-Nothing here unpickles: safetensors only.
+Also the doc tower alone (`published/step_N/`, for the embedding workers) and training states
+(`checkpoints/step_N/`, for resume: the engine's files, loaded with weights_only=True).
+Model weights never unpickle: safetensors only.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
-from indexer.io import InputError, atomic_dir, verify_manifest, write_manifest
-from trainer.model import REALM, KnowledgeAugmentedEncoder, OpenQAModel, Retriever
+from indexer.io import InputError, atomic_dir, fsync_tree, verify_manifest, write_manifest
+from trainer.model import REALM, KnowledgeAugmentedEncoder, OpenQAModel, Retriever, Tower
 
 COMPONENTS = ("query_encoder", "doc_encoder", "reader")
 KINDS = ("realm_model", "openqa_model")
@@ -132,3 +135,78 @@ def step_dirs(parent: str | os.PathLike) -> list[tuple[int, Path]]:
         if m and (child / "manifest.json").is_file():
             found.append((int(m.group(1)), child))
     return sorted(found)
+
+
+# ---- the doc encoder, published for the embedding workers --------------------------------------
+
+
+def save_doc_tower(tower: Tower, directory: str | os.PathLike, step: int, extra: dict | None = None) -> Path:
+    """`published/step_N/`: the doc tower alone (BERT + projection), what a refresh needs."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        tower.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
+        save_file({"weight": tower.proj.weight.detach().float().cpu().contiguous(),
+                   "bias": tower.proj.bias.detach().float().cpu().contiguous()}, str(tmp / "proj.safetensors"))
+        meta = {"kind": "doc_encoder", "step": step, "pooling": tower.pooling,
+                "retrieval_dim": tower.proj.out_features, **(extra or {})}
+        (tmp / "realm.json").write_text(json.dumps(meta, indent=2))
+        write_manifest(tmp, meta)
+    return directory
+
+
+def load_doc_tower(directory: str | os.PathLike) -> tuple[Tower, dict]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise InputError(f"{d}: published doc encoder not found")
+    meta = verify_manifest(d)
+    if meta.get("kind") != "doc_encoder":
+        raise InputError(f"{d}: not a published doc encoder (kind={meta.get('kind')!r})")
+    tower = Tower(_load_bert(d / "encoder"), meta["retrieval_dim"], meta["pooling"])
+    try:
+        proj = load_file(str(d / "proj.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{d / 'proj.safetensors'}: corrupt: {e}") from None
+    with torch.no_grad():
+        tower.proj.weight.copy_(proj["weight"])
+        tower.proj.bias.copy_(proj["bias"])
+    return tower.eval(), meta
+
+
+# ---- training state (engine + optimizer + RNG + data position), for resume ---------------------
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_training_state(engine, parent: str | os.PathLike, step: int, client_state: dict, rank: int = 0,
+                        keep: int = 2) -> Path:
+    """`checkpoints/step_N/` written by every rank into `.tmp-step_N`, renamed by rank 0 once
+    all ranks are done and the manifest (sha256 of every file) is written. Keeps the newest `keep`."""
+    parent = Path(parent)
+    tmp, final = parent / f".tmp-step_{step}", parent / f"step_{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save(tmp, client_state)
+    _barrier()
+    if rank == 0:
+        write_manifest(tmp, {"kind": "training_state", "step": step})
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in step_dirs(parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest_training_state(parent: str | os.PathLike) -> Path | None:
+    """The newest complete `step_N` (manifest present and every file intact), else None."""
+    for _, path in reversed(step_dirs(parent)):
+        meta = verify_manifest(path)
+        if meta.get("kind") == "training_state":
+            return path
+    return None

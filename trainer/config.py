@@ -86,14 +86,16 @@ class PretrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     log_every: int = 10
-    resume: bool = False
+    checkpoint_every: int = 100    # training state for resume (align with refresh.every_steps)
+    keep_checkpoints: int = 2
+    resume: bool = False           # continue from the newest complete checkpoints/step_N
 
 
 @dataclass
 class RefreshConfig:
-    every_steps: int = 100         # re-embed the corpus with the current doc encoder
-    mode: str = "sync"             # sync (stop the world) | async (Ray embedding workers)
-    max_staleness: int = 300
+    every_steps: int = 100         # publish the doc encoder; the corpus is re-embedded from it
+    mode: str = "async"            # async: train on while workers re-embed | sync: wait for the new index
+    max_staleness: int = 300       # async: trainers wait only when the index is more steps behind than this
     keep_versions: int = 2
 
 
@@ -116,6 +118,30 @@ class EvalConfig:
     model: str = "auto"            # auto: mlm -> realm, ict; openqa/query -> qa, realm, ict | <name> | <dir>
     k: int = 8
     batch_size: int = 16
+
+
+@dataclass
+class ClusterConfig:
+    backend: str = "local"         # local: one process, stop-the-world refresh | ray: the actors below
+    address: str = ""              # "" = start a local Ray on this machine | "auto" = the cluster we run in
+    host: str = "127.0.0.1"        # local Ray's node address; its dashboard binds here too
+    dashboard: bool = False
+    trainers: int = 1              # data-parallel DeepSpeed ranks
+    trainer_cpus: float = 1
+    trainer_gpus: float = 0
+    embedding_workers: int = 2
+    embed_cpus: float = 1
+    embed_gpus: float = 0
+    embed_threads: int = 1         # torch threads per embedding worker (CPU)
+    embed_batch_size: int = 64
+    slices: int = 0                # slices per refresh (0 = one per embedding worker)
+    shards: int = 2
+    shard_cpus: float = 0.5
+    shard_gpus: float = 0
+    zero_stage: int = 0            # DeepSpeed ZeRO stage 0-2
+    bf16: str = "auto"             # auto (on GPU) | true | false
+    dist_backend: str = "auto"     # auto: nccl on GPU, gloo on CPU
+    poll_seconds: float = 0.5      # the refresh coordinator's look for newly published doc encoders
 
 
 @dataclass
@@ -143,6 +169,7 @@ class Config:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -184,6 +211,8 @@ def _coerce(value: Any, typ: type, key: str) -> Any:
             return ""
         if isinstance(value, (dict, list)):
             raise InputError(f"config key '{key}': expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML's `true` for a string-typed switch such as cluster.bf16
+            return "true" if value else "false"
         return str(value)
     return value
 
@@ -254,6 +283,9 @@ def check_config(cfg: Config) -> None:
         "refresh.every_steps": cfg.refresh.every_steps, "model.retrieval_dim": cfg.model.retrieval_dim,
         "eval.batch_size": cfg.eval.batch_size, "finetune.k": cfg.finetune.k,
         "finetune.batch_size": cfg.finetune.batch_size, "finetune.max_answer_len": cfg.finetune.max_answer_len,
+        "pretrain.checkpoint_every": cfg.pretrain.checkpoint_every, "cluster.trainers": cfg.cluster.trainers,
+        "cluster.embedding_workers": cfg.cluster.embedding_workers, "cluster.shards": cfg.cluster.shards,
+        "cluster.embed_batch_size": cfg.cluster.embed_batch_size,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -267,10 +299,17 @@ def check_config(cfg: Config) -> None:
                "task": (cfg.task, ("mlm", "openqa")),
                "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
                "device": (cfg.device, ("auto", "cpu", "cuda")),
-               "wandb.mode": (cfg.wandb.mode, ("offline", "online"))}
+               "wandb.mode": (cfg.wandb.mode, ("offline", "online")),
+               "cluster.backend": (cfg.cluster.backend, ("local", "ray")),
+               "cluster.bf16": (cfg.cluster.bf16, ("auto", "true", "false")),
+               "cluster.dist_backend": (cfg.cluster.dist_backend, ("auto", "gloo", "nccl")),
+               "cluster.zero_stage": (cfg.cluster.zero_stage, (0, 1, 2))}
     for key, (v, allowed) in choices.items():
         if v not in allowed:
-            raise InputError(f"config key '{key}': expected one of {', '.join(allowed)}, got {v!r}")
+            raise InputError(f"config key '{key}': expected one of {', '.join(map(str, allowed))}, got {v!r}")
+    if cfg.pretrain.batch_size % cfg.cluster.trainers:
+        raise InputError(f"config key 'pretrain.batch_size': {cfg.pretrain.batch_size} does not split evenly "
+                         f"over cluster.trainers={cfg.cluster.trainers}")
 
 
 def to_dict(cfg: Config) -> dict:

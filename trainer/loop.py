@@ -1,4 +1,4 @@
-"""The commands' bodies: prepare, ICT warm start, REALM pre-training, evaluation.
+"""The commands' bodies: prepare, ICT warm start, evaluation (pre-training: trainer/pretrain.py).
 
 Each reads from and writes into `cfg.run_dir`, so `prepare -> ict -> pretrain -> evaluate`
 chain with no other arguments:
@@ -191,59 +191,6 @@ def initial_model(run: Run) -> tuple[REALM, str]:
     print("warning: no ICT checkpoint in the run directory; starting from model.init without a warm "
           "retriever (REALM may get no retrieval signal: run `launch.py ict` first)", file=sys.stderr)
     return fresh_model(run.cfg, run.vocab.size), run.cfg.model.init
-
-
-def pretrain(cfg: Config) -> dict:
-    run = Run.open(cfg)
-    c, k = cfg.pretrain, cfg.retrieval.k
-    check_k(k, run.store, "retrieval.k")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    model, start = initial_model(run)
-    model.to(run.device).train()
-    train = D.read_examples(run.dir / "examples" / "train.parquet")
-    run_id = uuid.uuid4().hex
-    index = refresh_index(run, model, 0, f"{run_id}-0")
-    groups = param_groups(list(model.reader.named_parameters(prefix="reader")) + [("null_score", model.null_score)],
-                          c.lr, c.head_lr, ("reader.mlm_head", "null_score"))
-    retriever_params = list(model.retriever.parameters())
-    groups.append({"params": retriever_params, "lr": c.retriever_lr})
-    engine = TorchEngine(groups, c.steps, c.warmup_steps, c.grad_clip)
-    log = MetricsLogger(run.dir, "pretrain", cfg)
-    t0, refresh_s = time.time(), 0.0
-    for step in range(1, c.steps + 1):
-        for p in retriever_params:
-            p.requires_grad_(step > c.freeze_retriever_steps)
-        queries = sample_queries(train, run, c.batch_size, rng)
-        _, cand = retrieve(model, index, run, queries, k)
-        batch = D.collate_realm(queries, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
-        out = model(batch)
-        norm = engine.step(out["loss"])
-        if step % c.log_every == 0 or step == c.steps:
-            p_z = out["scores"].detach().float().softmax(-1)
-            entropy = float(-(p_z * p_z.clamp_min(1e-12).log()).sum(-1).mean())
-            gold = _gold_rank_hits(queries, cand)
-            log.log(step, loss=out["loss"].item(), retrieval_entropy=entropy, p_null=float(p_z[:, 0].mean()),
-                    gold_in_topk=gold, grad_norm=norm, index_version=index.version,
-                    staleness=step - index.checkpoint_step, refresh_seconds=refresh_s, elapsed=time.time() - t0)
-            print(f"pretrain step {step}/{c.steps} loss {out['loss'].item():.3f} p(null) {float(p_z[:, 0].mean()):.2f}"
-                  f" entropy {entropy:.2f} gold@k {gold if gold is not None else '-'} index v{index.version}",
-                  flush=True)
-        if step % cfg.refresh.every_steps == 0 and step < c.steps:
-            r0 = time.time()
-            index = refresh_index(run, model, step, f"{run_id}-{step}")
-            refresh_s = time.time() - r0
-    save_model(model, run.dir / "models" / "realm", step=c.steps,
-               extra={"doc_encoder_id": f"{run_id}-{c.steps}", "stage": "realm", "init": start})
-    log.close()
-    return {"steps": c.steps, "seconds": time.time() - t0}
-
-
-def _gold_rank_hits(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | None:
-    has_gold = [i for i, q in enumerate(queries) if q.gold_blocks]
-    if not has_gold:
-        return None
-    return float(np.mean([bool(set(cand[i].tolist()) & set(queries[i].gold_blocks)) for i in has_gold]))
 
 
 # ---- evaluation --------------------------------------------------------------------------------

@@ -165,12 +165,17 @@ class REALM(nn.Module):
         self.retriever, self.reader = retriever, reader
         self.null_score = nn.Parameter(torch.zeros(1))
 
-    def relevance(self, b: RealmBatch) -> torch.Tensor:
-        """Scores [B, K+1] recomputed with the current encoders; column 0 is the null doc."""
+    def relevance(self, b: RealmBatch, train_retriever: bool = True) -> torch.Tensor:
+        """Scores [B, K+1] recomputed with the current encoders; column 0 is the null doc.
+
+        `train_retriever=False` computes the retriever's scores without a graph (a frozen phase
+        costs no backward through the towers); the null score still learns.
+        """
         B, K, Ld = b.cand_ids.shape
-        q = self.retriever.embed_queries(b.query_ids, b.query_mask)
-        d = self.retriever.embed_docs(b.cand_ids.view(B * K, Ld), b.cand_mask.view(B * K, Ld)).view(B, K, -1)
-        scores = torch.einsum("bd,bkd->bk", q, d).float()
+        with torch.set_grad_enabled(train_retriever and torch.is_grad_enabled()):
+            q = self.retriever.embed_queries(b.query_ids, b.query_mask)
+            d = self.retriever.embed_docs(b.cand_ids.view(B * K, Ld), b.cand_mask.view(B * K, Ld)).view(B, K, -1)
+            scores = torch.einsum("bd,bkd->bk", q, d).float()
         scores = scores.masked_fill(~b.cand_valid, float("-inf"))
         return torch.cat([self.null_score.float().expand(B, 1), scores], dim=1)
 
@@ -187,8 +192,8 @@ class REALM(nn.Module):
                                             b.reader_types.view(B * K, Lr), pos)
         return torch.cat([null.unsqueeze(1), cand.view(B, K, *cand.shape[1:])], dim=1)
 
-    def forward(self, b: RealmBatch) -> dict[str, torch.Tensor]:
-        scores = self.relevance(b)
+    def forward(self, b: RealmBatch, train_retriever: bool = True) -> dict[str, torch.Tensor]:
+        scores = self.relevance(b, train_retriever)
         token_lp = self.token_log_probs(b)
         B, Z = scores.shape
         span_lp = span_log_prob(token_lp.flatten(0, 1), b.targets.repeat_interleave(Z, 0),

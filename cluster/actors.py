@@ -1,0 +1,261 @@
+"""Thin Ray actors around trainer/ and indexer/: shard servers, the shard service, embedding
+workers and DeepSpeed trainers. Each holds state and forwards to plain functions; no model math
+lives here.
+
+    trainer ──search──▶ ShardService ──fan-out──▶ ShardServer × N   (one version per query)
+    trainer ──publish──▶ run_dir/published/step_N ──▶ RefreshCoordinator (cluster/refresh.py)
+                          ──slices──▶ EmbeddingWorker × M ──▶ index/vNNNN ──swap──▶ ShardService
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+
+# ---- shard servers and the service that merges them -------------------------------------------
+
+
+@ray.remote
+class ShardServer:
+    """Rows [lo, hi) of an index version in a faiss flat index; up to two versions side by side,
+    so queries on the old version are answered while the new one loads (threaded actor)."""
+
+    def __init__(self, index_root: str, shard: int, num_shards: int, use_gpu: bool = False):
+        self.root, self.shard, self.num_shards, self.use_gpu = Path(index_root), shard, num_shards, use_gpu
+        self.by_version: dict = {}
+        from indexer.versions import IndexVersions
+
+        current = IndexVersions(self.root).current()  # a restarted shard comes back with CURRENT
+        if current is not None:
+            self.load(str(current.path))
+
+    def load(self, version_dir: str) -> dict:
+        from indexer.shards import FlatShard
+        from indexer.versions import IndexVersions
+
+        v = IndexVersions(self.root).open(version_dir)
+        bounds = np.linspace(0, v.rows, self.num_shards + 1).astype(int)
+        lo, hi = int(bounds[self.shard]), int(bounds[self.shard + 1])
+        shard = FlatShard(IndexVersions.load_rows(v, lo, hi), lo, self.use_gpu)
+        keep = {ver: s for ver, s in self.by_version.items() if ver >= v.version - 1}
+        keep[v.version] = shard
+        self.by_version = keep  # one assignment: a concurrent search sees the old dict or the new
+        return {"version": v.version, "rows": hi - lo, "pid": os.getpid()}
+
+    def search(self, queries: np.ndarray, k: int, version: int) -> tuple[np.ndarray, np.ndarray]:
+        shard = self.by_version.get(version)
+        if shard is None:
+            raise LookupError(f"shard {self.shard}: index version {version} is not loaded "
+                              f"(have {sorted(self.by_version)})")
+        return shard.search(queries, k)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    version: int
+    checkpoint_step: int
+    manifest: dict
+
+
+@ray.remote
+class ShardService:
+    """Fans a top-k query out to every shard and merges: the result equals one flat index over
+    the same embeddings. A swap loads the new version on every shard first and then moves the
+    pointer in one assignment, so each query is answered wholly from one version."""
+
+    def __init__(self, shards: list):
+        self.shards = shards
+        self.current: ServedVersion | None = None
+
+    async def swap(self, version_dir: str) -> dict:
+        from indexer.versions import IndexVersions
+
+        manifest = IndexVersions.read_manifest(version_dir)
+        await asyncio.gather(*[s.load.remote(version_dir) for s in self.shards])
+        self.current = ServedVersion(manifest["version"], manifest["checkpoint_step"], manifest)
+        return self.status()
+
+    async def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
+        """-> scores [B, k] float32, ids [B, k] int64, version, checkpoint_step."""
+        from indexer.shards import drop_excluded, exclusion_extra, merge_topk
+
+        served = self.current
+        if served is None:
+            raise RuntimeError("shard service: no index version loaded yet")
+        kk = k + exclusion_extra(exclude)
+        parts = await asyncio.gather(*[s.search.remote(queries, kk, served.version) for s in self.shards])
+        scores, ids = drop_excluded(*merge_topk(parts, kk), exclude, k)
+        return scores, ids, served.version, served.checkpoint_step
+
+    def status(self) -> dict | None:
+        if self.current is None:
+            return None
+        m = self.current.manifest
+        return {"version": m["version"], "checkpoint_step": m["checkpoint_step"], "rows": m["rows"],
+                "doc_encoder_id": m.get("doc_encoder_id", ""), "refresh_seconds": m.get("refresh_seconds"),
+                "blocks_per_s": m.get("blocks_per_s")}
+
+
+# ---- embedding workers -------------------------------------------------------------------------
+
+
+@ray.remote
+class EmbeddingWorker:
+    """Embeds a slice of blocks (memory-mapped Arrow store) with a published doc encoder and
+    writes it into a version's staging directory, atomically."""
+
+    def __init__(self, run_dir: str, threads: int, batch_size: int, device: str):
+        import torch
+
+        from indexer.blocks import BlockStore
+        from indexer.tokenizer import Vocab, load_tokenizer
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.store = BlockStore(Path(run_dir) / "blocks")
+        self.pad = Vocab(load_tokenizer(self.store.vocab_file)).pad
+        self.batch_size, self.device = batch_size, device
+        self.loaded, self.tower = None, None
+
+    def embed_slice(self, published_dir: str, staging_dir: str, slice_index: int, start: int, end: int) -> dict:
+        from indexer.embed import embed_blocks
+        from indexer.versions import IndexVersions
+        from trainer.checkpoint import load_doc_tower
+
+        t0 = time.perf_counter()
+        if self.loaded != published_dir:
+            self.tower, _ = load_doc_tower(published_dir)
+            self.tower.to(self.device)
+            self.loaded = published_dir
+        emb = embed_blocks(self.tower, self.store, start, end, self.batch_size, self.device, progress=False,
+                           pad_id=self.pad)
+        IndexVersions.write_slice(Path(staging_dir), slice_index, start, emb)
+        return {"slice": slice_index, "rows": end - start, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# ---- trainers ----------------------------------------------------------------------------------
+
+
+class ServiceIndex:
+    """The trainer's view of the index in the cluster path (see trainer/pretrain.py): top-k from
+    the shard service; a refresh is only a publish, plus a wait when the index falls more than
+    `refresh.max_staleness` steps behind, or always in `refresh.mode=sync` (the baseline)."""
+
+    def __init__(self, service, run, model, run_id: str, start_step: int, rank: int, initial_id: str):
+        cfg = run.cfg
+        self.service, self.run, self.run_id, self.rank = service, run, run_id, rank
+        self.every, self.total, self.mode = cfg.refresh.every_steps, cfg.pretrain.steps, cfg.refresh.mode
+        self.max_staleness = cfg.refresh.max_staleness
+        self.version, self.checkpoint_step, self.stats = -1, -1, {}
+        status = ray.get(service.status.remote())
+        ours = status is not None and (status["doc_encoder_id"].startswith(run_id)
+                                       or (start_step == 0 and status["doc_encoder_id"] == initial_id))
+        if not ours or start_step - status["checkpoint_step"] > self.max_staleness:
+            if rank == 0:
+                self.publish(model, start_step)
+            self._wait_for(start_step)
+        else:
+            self._note(status)
+
+    def publish(self, model, step: int) -> None:
+        from trainer.checkpoint import save_doc_tower
+
+        save_doc_tower(model.retriever.doc_tower, self.run.dir / "published" / f"step_{step}", step,
+                       extra={"doc_encoder_id": f"{self.run_id}-{step}"})
+
+    def _note(self, status: dict) -> None:
+        self.version, self.checkpoint_step = status["version"], status["checkpoint_step"]
+        self.stats = {"refresh_seconds": status["refresh_seconds"], "refresh_blocks_per_s": status["blocks_per_s"]}
+
+    def _wait_for(self, min_checkpoint_step: int) -> float:
+        t0 = time.perf_counter()
+        while True:
+            status = ray.get(self.service.status.remote())
+            if status is not None and status["checkpoint_step"] >= min_checkpoint_step:
+                self._note(status)
+                return time.perf_counter() - t0
+            time.sleep(0.05)
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
+        scores, ids, self.version, self.checkpoint_step = ray.get(self.service.search.remote(queries, k, exclude))
+        return scores, ids
+
+    def before_step(self, step: int) -> float:
+        if step - self.checkpoint_step <= self.max_staleness:
+            return 0.0
+        return self._wait_for(step - self.max_staleness)
+
+    def after_step(self, model, step: int) -> float:
+        if step % self.every or step >= self.total:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            self.publish(model, step)
+        if self.mode == "sync":
+            self._wait_for(step)
+        return time.perf_counter() - t0
+
+
+@ray.remote
+class TrainerWorker:
+    """One data-parallel rank: DeepSpeed engine around the REALM model, the shared train loop."""
+
+    def __init__(self, cfg, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+
+    def endpoint(self) -> tuple[str, int]:
+        """This node's address and a free port, for rank 0's torch.distributed rendezvous."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def train(self, master: tuple[str, int], service) -> dict:
+        import json
+
+        import torch
+
+        from trainer.engine import DeepSpeedEngine, init_distributed
+        from trainer.loop import Run, check_k, initial_model
+        from trainer.metrics import MetricsLogger
+        from trainer.pretrain import build_optimizer_groups, train_loop
+
+        cfg, cc = self.cfg, self.cfg.cluster
+        run = Run.open(cfg)
+        check_k(cfg.retrieval.k, run.store, "retrieval.k")
+        on_gpu = run.device.type == "cuda"
+        backend = cc.dist_backend if cc.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
+        init_distributed(self.rank, self.world, master[0], master[1], backend)
+        torch.manual_seed(cfg.seed)
+        model, _ = initial_model(run)
+        model.to(run.device).train()
+        ict_meta = run.dir / "models" / "ict" / "realm.json"
+        initial_id = json.loads(ict_meta.read_text()).get("doc_encoder_id", "") if ict_meta.is_file() else ""
+        bf16 = cc.bf16 == "true" or (cc.bf16 == "auto" and on_gpu)
+        engine = DeepSpeedEngine(model, build_optimizer_groups(model, cfg), cfg.pretrain.steps,
+                                 cfg.pretrain.warmup_steps, cfg.pretrain.grad_clip, cfg.pretrain.batch_size // self.world,
+                                 self.world, cc.zero_stage, bf16)
+        log = MetricsLogger(run.dir, "pretrain", cfg) if self.rank == 0 else None
+        try:
+            return train_loop(run, engine.module, engine,
+                              lambda m, run_id, start: ServiceIndex(service, run, m, run_id, start, self.rank, initial_id),
+                              log, self.rank, self.world)
+        finally:
+            if log is not None:
+                log.close()
+
+    def pid(self) -> int:
+        return os.getpid()

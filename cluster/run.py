@@ -1,0 +1,119 @@
+"""Start (or join) Ray, place the actors, run pre-training, tear down.
+
+`launch.py pretrain` with `cluster.backend=ray` lands here: on one node it starts a local Ray
+(bound to `cluster.host`, 127.0.0.1 by default; dashboard off unless `cluster.dashboard=true`);
+under `ray job submit` it joins the cluster (`cluster.address=auto`). Trainers are gang-scheduled
+in a placement group (all ranks start or none: a half-placed DeepSpeed group would hang in its
+rendezvous); embedding workers and shard servers are ordinary actors that Ray restarts if they die.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import EmbeddingWorker, ShardServer, ShardService, TrainerWorker
+from cluster.refresh import RefreshCoordinator
+from indexer.io import InputError, atomic_write_json
+from indexer.shards import gpu_available
+from trainer.config import Config
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def actor_env(cfg: Config, gpus: float) -> dict:
+    """Environment for an actor's process: offline hub, and DeepSpeed's CPU accelerator off-GPU."""
+    env = dict(OFFLINE_ENV)
+    if gpus == 0 or cfg.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return {"env_vars": env}
+
+
+def connect(cfg: Config) -> bool:
+    """Join `cluster.address`, or start a local Ray sized for the actors; True if we started it."""
+    cc = cfg.cluster
+    if ray.is_initialized():
+        return False
+    if cc.address:
+        ray.init(address=cc.address, log_to_driver=True)
+        return False
+    cpus = cc.trainers * cc.trainer_cpus + cc.embedding_workers * cc.embed_cpus + cc.shards * cc.shard_cpus
+    gpus = cc.trainers * cc.trainer_gpus + cc.embedding_workers * cc.embed_gpus + cc.shards * cc.shard_gpus
+    # Logical CPUs: on a small machine the actors share cores (they are not all busy at once).
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), num_gpus=math.ceil(gpus) or None,
+             include_dashboard=cc.dashboard, dashboard_host=cc.host, _node_ip_address=cc.host,
+             log_to_driver=True, configure_logging=False)
+    return True
+
+
+def start_index_actors(cfg: Config) -> tuple[list, object, list, object]:
+    """Shard servers, the shard service, embedding workers and the refresh coordinator."""
+    cc, run_dir = cfg.cluster, str(Path(cfg.run_dir).resolve())
+    shards = [ShardServer.options(num_cpus=cc.shard_cpus, num_gpus=cc.shard_gpus, max_concurrency=4,
+                                  max_restarts=-1, runtime_env=actor_env(cfg, cc.shard_gpus))
+              .remote(f"{run_dir}/index", i, cc.shards, cc.shard_gpus > 0 and gpu_available())
+              for i in range(cc.shards)]
+    service = ShardService.options(num_cpus=0, max_concurrency=64).remote(shards)
+    device = "cuda" if cc.embed_gpus > 0 else "cpu"
+    workers = [EmbeddingWorker.options(num_cpus=cc.embed_cpus, num_gpus=cc.embed_gpus, max_restarts=-1,
+                                       runtime_env=actor_env(cfg, cc.embed_gpus))
+               .remote(run_dir, cc.embed_threads, cc.embed_batch_size, device)
+               for _ in range(cc.embedding_workers)]
+    coordinator = RefreshCoordinator.options(num_cpus=0, max_concurrency=8).remote(
+        run_dir, workers, service, cc.slices or cc.embedding_workers, cfg.refresh.keep_versions, cc.poll_seconds)
+    return shards, service, workers, coordinator
+
+
+def start_trainers(cfg: Config, timeout_s: float = 600) -> tuple[list, object]:
+    cc = cfg.cluster
+    bundle = {"CPU": cc.trainer_cpus, **({"GPU": cc.trainer_gpus} if cc.trainer_gpus else {})}
+    pg = placement_group([bundle] * cc.trainers, strategy="PACK")
+    if not pg.wait(timeout_s):
+        remove_placement_group(pg)
+        raise InputError(f"config keys 'cluster.trainers'/'cluster.trainer_*': {cc.trainers} x {bundle} "
+                         f"could not be placed on this Ray cluster within {timeout_s:.0f} s")
+    trainers = [TrainerWorker.options(num_cpus=cc.trainer_cpus, num_gpus=cc.trainer_gpus,
+                                      runtime_env=actor_env(cfg, cc.trainer_gpus),
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+                .remote(cfg, i, cc.trainers) for i in range(cc.trainers)]
+    return trainers, pg
+
+
+def pretrain_on_ray(cfg: Config) -> dict:
+    if not (Path(cfg.run_dir) / "blocks" / "manifest.json").is_file():
+        raise InputError(f"{cfg.run_dir}/blocks: no block store (run `launch.py prepare` first)")
+    started = connect(cfg)
+    t0 = time.time()
+    shards, service, workers, coordinator = start_index_actors(cfg)
+    pg = None
+    try:
+        ray.get(coordinator.start.remote())
+        refresher = coordinator.run.remote()
+        trainers, pg = start_trainers(cfg)
+        master = ray.get(trainers[0].endpoint.remote())
+        summaries = ray.get([t.train.remote(master, service) for t in trainers])
+        history = ray.get(coordinator.stop.remote())
+        ray.get(refresher)
+    finally:
+        for actor in [coordinator, service, *workers, *shards]:
+            ray.kill(actor)
+        if pg is not None:
+            remove_placement_group(pg)
+        if started:
+            ray.shutdown()
+    summary = {**summaries[0], "refreshes": len(history), "refresh_history": history,
+               "refresh_mode": cfg.refresh.mode, "wall_seconds": time.time() - t0,
+               "trainers": cfg.cluster.trainers, "embedding_workers": cfg.cluster.embedding_workers,
+               "shards": cfg.cluster.shards}
+    atomic_write_json(Path(cfg.run_dir) / "pretrain_summary.json", summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "refresh_history"}), file=sys.stdout, flush=True)
+    return summary
