@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Single-node entry point: python launch.py <command> [--config configs/NAME.yaml] [dotted.key=value ...]
 
-Commands: prepare | ict | pretrain | finetune | evaluate | query. Every command reads from and
-writes into the config's run_dir (evaluate task=openqa scores exact match; query question="...").
+Commands: prepare | ict | pretrain | finetune | evaluate | query | report. Every command reads
+from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
+question="..."; `report [RUN_DIR]` plots events.jsonl to RUN_DIR/report/*.png).
 Bad input exits with status 2 and one line naming the file:line or key.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-file weight-loading bars in every actor
 
-COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query")
+COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "report")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 
 
@@ -32,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
 
     try:
+        if args.command == "report":
+            from trainer.report import report
+
+            run_dirs = [o for o in args.overrides if "=" not in o]
+            cfg = load_config(args.config, [o for o in args.overrides if "=" in o])
+            report(run_dirs[0] if run_dirs else cfg.run_dir)
+            return 0
         cfg = load_config(args.config, args.overrides)
         from trainer import finetune, loop, pretrain
 

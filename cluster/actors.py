@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import ray
 
-
 # ---- shard servers and the service that merges them -------------------------------------------
 
 
@@ -245,14 +244,15 @@ class TrainerWorker:
         ict_meta = run.dir / "models" / "ict" / "realm.json"
         initial_id = json.loads(ict_meta.read_text()).get("doc_encoder_id", "") if ict_meta.is_file() else ""
         bf16 = cc.bf16 == "true" or (cc.bf16 == "auto" and on_gpu)
-        engine = DeepSpeedEngine(model, build_optimizer_groups(model, cfg), cfg.pretrain.steps,
-                                 cfg.pretrain.warmup_steps, cfg.pretrain.grad_clip, cfg.pretrain.batch_size // self.world,
-                                 self.world, cc.zero_stage, bf16)
+        p = cfg.pretrain
+        engine = DeepSpeedEngine(model, build_optimizer_groups(model, cfg), p.steps, p.warmup_steps, p.grad_clip,
+                                 p.batch_size // self.world, self.world, cc.zero_stage, bf16)
         log = MetricsLogger(run.dir, "pretrain", cfg) if self.rank == 0 else None
         try:
-            return train_loop(run, engine.module, engine,
-                              lambda m, run_id, start: ServiceIndex(service, run, m, run_id, start, self.rank, initial_id),
-                              log, self.rank, self.world)
+            def make_index(m, run_id: str, start: int) -> ServiceIndex:
+                return ServiceIndex(service, run, m, run_id, start, self.rank, initial_id)
+
+            return train_loop(run, engine.module, engine, make_index, log, self.rank, self.world)
         finally:
             if log is not None:
                 log.close()

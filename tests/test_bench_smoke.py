@@ -104,3 +104,12 @@ def test_torch_fallback_index_matches_sharded_index_with_exclusions():
     got_s, got_i = TorchIndex(emb, torch.device("cpu")).search(q, 4, exclude)
     assert (got_i == ref_i).all() and not np.isin(top1, got_i).any()
     np.testing.assert_allclose(got_s, ref_s, rtol=1e-5)
+
+
+def test_refresh_stall_smoke(tmp_path):
+    text = run_bench("refresh_stall.py", tmp_path / "R.md")
+    check_section(text, "Refresh stall: asynchronous vs stop-the-world")
+    rows = {r["refresh mode"]: r for r in table(text, "refresh mode")}
+    assert set(rows) == {"async", "sync", "sync / async"}
+    for mode in ("async", "sync"):
+        assert int(rows[mode]["steps"]) == 6 and int(rows[mode]["refreshes"]) >= 1

@@ -3,6 +3,7 @@
 Two data-parallel DeepSpeed trainers (gloo), two embedding workers, two shard servers; the index
 is refreshed asynchronously while training goes on.
 """
+import copy
 import json
 import threading
 
@@ -57,6 +58,19 @@ def test_async_refresh_on_ray_with_deepspeed_trainers(local_ray, tiny_cfg):
     assert ckpts == ["step_4", "step_8"]
     index = IndexVersions(f"{cfg.run_dir}/index")
     assert not list(index.root.glob(".staging-*")) and not list(index.root.glob(".tmp-*"))
+
+    # resume=true: the DeepSpeed engines load step_8 (weights_only) and carry on to step 16;
+    # the index version history continues
+    last_version = index.current().version
+    more = copy.deepcopy(cfg)
+    more.pretrain.steps, more.pretrain.resume = 16, True
+    resumed = pretrain_on_ray(more)
+    assert resumed["start_step"] == 8 and resumed["steps"] == 8
+    train = [json.loads(line) for line in open(f"{cfg.run_dir}/events.jsonl")]
+    after = [e for e in train if e["job"] == "pretrain"][12:]
+    assert [e["step"] for e in after] == list(range(9, 17))
+    assert min(e["index_version"] for e in after) >= last_version
+    assert index.current().version > last_version
 
 
 def test_shard_service_equals_flat_index_and_swaps_atomically(local_ray, tiny_cfg):
