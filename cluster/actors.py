@@ -63,7 +63,11 @@ class ShardServer:
 class ServedVersion:
     version: int
     checkpoint_step: int
+    path: str
     manifest: dict
+
+
+SHARD_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LookupError)
 
 
 @ray.remote
@@ -72,29 +76,66 @@ class ShardService:
     the same embeddings. A swap loads the new version on every shard first and then moves the
     pointer in one assignment, so each query is answered wholly from one version."""
 
-    def __init__(self, shards: list):
+    def __init__(self, shards: list, retries: int = 5, retry_timeout_s: float = 120.0):
         self.shards = shards
         self.current: ServedVersion | None = None
+        self.retries, self.retry_timeout_s = retries, retry_timeout_s
+        self.recoveries: list[dict] = []  # one per query that needed a shard to come back
 
     async def swap(self, version_dir: str) -> dict:
         from indexer.versions import IndexVersions
 
         manifest = IndexVersions.read_manifest(version_dir)
         await asyncio.gather(*[s.load.remote(version_dir) for s in self.shards])
-        self.current = ServedVersion(manifest["version"], manifest["checkpoint_step"], manifest)
+        self.current = ServedVersion(manifest["version"], manifest["checkpoint_step"], version_dir, manifest)
         return self.status()
 
     async def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
-        """-> scores [B, k] float32, ids [B, k] int64, version, checkpoint_step."""
+        """-> scores [B, k] float32, ids [B, k] int64, version, checkpoint_step.
+
+        A shard that died is waited for (Ray restarts it), given the served version again and
+        asked again; after `retries` attempts the query fails with an error naming the shard,
+        never with a silently shorter top-k.
+        """
         from indexer.shards import drop_excluded, exclusion_extra, merge_topk
 
         served = self.current
         if served is None:
             raise RuntimeError("shard service: no index version loaded yet")
         kk = k + exclusion_extra(exclude)
-        parts = await asyncio.gather(*[s.search.remote(queries, kk, served.version) for s in self.shards])
-        scores, ids = drop_excluded(*merge_topk(parts, kk), exclude, k)
+        t0, failed = time.perf_counter(), []
+        for attempt in range(self.retries + 1):
+            results = await asyncio.gather(*[s.search.remote(queries, kk, served.version) for s in self.shards],
+                                           return_exceptions=True)
+            bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+            if not bad:
+                break
+            for i in bad:
+                if not isinstance(results[i], SHARD_FAILURES):
+                    raise results[i]
+            failed += bad
+            if attempt == self.retries:
+                raise RuntimeError(f"shard service: shard(s) {bad} failed {self.retries + 1} times "
+                                   f"(last: {results[bad[0]]!r}); refusing to answer from fewer shards")
+            await self._reload(bad, served)
+        if failed:
+            self.recoveries.append({"shards": sorted(set(failed)), "seconds": time.perf_counter() - t0})
+        scores, ids = drop_excluded(*merge_topk(results, kk), exclude, k)
         return scores, ids, served.version, served.checkpoint_step
+
+    async def _reload(self, shards: list[int], served: ServedVersion) -> None:
+        """Give restarted shards the served version (they come back with CURRENT, maybe newer)."""
+        for i in shards:
+            try:
+                await asyncio.wait_for(self.shards[i].load.remote(served.path), self.retry_timeout_s)
+            except (asyncio.TimeoutError, *SHARD_FAILURES):
+                await asyncio.sleep(0.5)
+
+    def shard_pids(self) -> list[int]:
+        return ray.get([s.pid.remote() for s in self.shards])
+
+    def recovery_log(self) -> list[dict]:
+        return self.recoveries
 
     def status(self) -> dict | None:
         if self.current is None:

@@ -98,6 +98,9 @@ class RefreshCoordinator:
         manifest = json.loads((self.run_dir / "blocks" / "manifest.json").read_text())
         return int(manifest["num_blocks"])
 
+    def worker_pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.workers])
+
     def stop(self) -> list[dict]:
         self.running = False
         self.log.close()

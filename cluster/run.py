@@ -56,6 +56,11 @@ def connect(cfg: Config) -> bool:
     return True
 
 
+def actor_name(role: str, cfg: Config) -> str:
+    """Named per run directory, so tools (and fault-injection tests) can find a run's actors."""
+    return f"realm-{role}:{Path(cfg.run_dir).resolve()}"
+
+
 def start_index_actors(cfg: Config) -> tuple[list, object, list, object]:
     """Shard servers, the shard service, embedding workers and the refresh coordinator."""
     cc, run_dir = cfg.cluster, str(Path(cfg.run_dir).resolve())
@@ -63,13 +68,13 @@ def start_index_actors(cfg: Config) -> tuple[list, object, list, object]:
                                   max_restarts=-1, runtime_env=actor_env(cfg, cc.shard_gpus))
               .remote(f"{run_dir}/index", i, cc.shards, cc.shard_gpus > 0 and gpu_available())
               for i in range(cc.shards)]
-    service = ShardService.options(num_cpus=0, max_concurrency=64).remote(shards)
+    service = ShardService.options(num_cpus=0, max_concurrency=64, name=actor_name("shards", cfg)).remote(shards)
     device = "cuda" if cc.embed_gpus > 0 else "cpu"
     workers = [EmbeddingWorker.options(num_cpus=cc.embed_cpus, num_gpus=cc.embed_gpus, max_restarts=-1,
                                        runtime_env=actor_env(cfg, cc.embed_gpus))
                .remote(run_dir, cc.embed_threads, cc.embed_batch_size, device)
                for _ in range(cc.embedding_workers)]
-    coordinator = RefreshCoordinator.options(num_cpus=0, max_concurrency=8).remote(
+    coordinator = RefreshCoordinator.options(num_cpus=0, max_concurrency=8, name=actor_name("refresh", cfg)).remote(
         run_dir, workers, service, cc.slices or cc.embedding_workers, cfg.refresh.keep_versions, cc.poll_seconds)
     return shards, service, workers, coordinator
 
@@ -104,6 +109,7 @@ def pretrain_on_ray(cfg: Config) -> dict:
         summaries = ray.get([t.train.remote(master, service) for t in trainers])
         history = ray.get(coordinator.stop.remote())
         ray.get(refresher)
+        recoveries = ray.get(service.recovery_log.remote())
     finally:
         for actor in [coordinator, service, *workers, *shards]:
             ray.kill(actor)
@@ -111,7 +117,7 @@ def pretrain_on_ray(cfg: Config) -> dict:
             remove_placement_group(pg)
         if started:
             ray.shutdown()
-    summary = {**summaries[0], "refreshes": len(history), "refresh_history": history,
+    summary = {**summaries[0], "refreshes": len(history), "refresh_history": history, "shard_recoveries": recoveries,
                "refresh_mode": cfg.refresh.mode, "wall_seconds": time.time() - t0,
                "trainers": cfg.cluster.trainers, "embedding_workers": cfg.cluster.embedding_workers,
                "shards": cfg.cluster.shards}

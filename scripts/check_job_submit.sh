@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=$(realpath -m "${1:-$(mktemp -d)/run}")
-DASH_PORT=${DASH_PORT:-8299}
-GCS_PORT=${GCS_PORT:-6390}
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Free ports, so that this head never collides with another Ray on the machine (a local Ray holds
+# the default agent port 52365 and client port 10001).
+DASH_PORT=${DASH_PORT:-$(free_port)}
+GCS_PORT=${GCS_PORT:-$(free_port)}
 export PATH="$PWD/.venv/bin:$PATH" RAY_AUTH_MODE=token HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 SMALL=(model.init=random model.hidden_size=32 model.num_heads=2 model.intermediate_size=64
        model.retriever_layers=1 model.reader_layers=1 model.query_max_len=32 model.reader_max_len=96
@@ -15,9 +18,15 @@ SMALL=(model.init=random model.hidden_size=32 model.num_heads=2 model.intermedia
 python launch.py prepare run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 python launch.py ict run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 
-ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --include-dashboard true \
+# Our own temp dir and GCS port: every process of this head carries one of them on its command
+# line, so the clean-up stops this head only (`ray stop` would stop every Ray on the machine).
+RAY_TMP=$(mktemp -d /tmp/rayjob.XXXXXX)
+OURS="$RAY_TMP|--address=[^ ]*:$GCS_PORT( |$)"
+stop_head() { pkill -TERM -f -- "$OURS" || true; sleep 2; pkill -KILL -f -- "$OURS" || true; rm -rf "$RAY_TMP"; }
+trap stop_head EXIT
+ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --include-dashboard true --temp-dir "$RAY_TMP" \
+  --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$(free_port)" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus 4 --disable-usage-stats >/dev/null
-trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
 ADDRESS="http://127.0.0.1:$DASH_PORT"
 JOB_ID="realm-check-$$"
 # The head's job agent comes up a few seconds after `ray start`: retry only that refusal.
@@ -33,7 +42,7 @@ for attempt in $(seq 30); do
 done
 ray job logs --address "$ADDRESS" --follow "$JOB_ID" | grep -v "Loading weights\|Writing model" || true
 status=$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1)
-grep -q "SUCCEEDED" <<<"$status" || { echo "$status" >&2; exit 1; }
+grep -qi "succeeded" <<<"$status" || { echo "$status" >&2; exit 1; }
 python - "$RUN_DIR" <<'PY'
 import json, sys
 s = json.load(open(f"{sys.argv[1]}/pretrain_summary.json"))

@@ -12,7 +12,7 @@ def run_bench(script: str, results: Path, *extra: str) -> str:
                TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--device", "cpu",
                            "--results", str(results), *extra],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return results.read_text()
 
@@ -113,3 +113,11 @@ def test_refresh_stall_smoke(tmp_path):
     assert set(rows) == {"async", "sync", "sync / async"}
     for mode in ("async", "sync"):
         assert int(rows[mode]["steps"]) == 6 and int(rows[mode]["refreshes"]) >= 1
+
+
+def test_e2e_demo_smoke(tmp_path):
+    text = run_bench("e2e_demo.py", tmp_path / "R.md")
+    check_section(text, "End-to-end demo wall time")
+    stages = [r["stage"] for r in table(text, "stage")]
+    assert stages == ["prepare", "ict", "pretrain", "evaluate eval.model=realm", "finetune",
+                      "evaluate task=openqa", "total"]

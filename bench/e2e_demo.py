@@ -1,0 +1,79 @@
+"""End-to-end demo wall time: prepare -> ICT -> pre-training (>= 3 refreshes) -> fine-tuning ->
+evaluation, each stage a `launch.py` command as a user runs it (process start-up included).
+
+    python bench/e2e_demo.py                 # the tiny config, unchanged (about 40 min on 2 CPU cores)
+    python bench/e2e_demo.py --smoke         # random 1-layer BERT, 40 entities (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, add_common_args, apply_common_args, print_table, write_results  # noqa: E402
+
+SMOKE = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+         "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96",
+         "data.synthetic_entities=40", "ict.steps=2", "ict.batch_size=8", "retrieval.k=3", "eval.k=3",
+         "pretrain.batch_size=4", "pretrain.steps=8", "refresh.every_steps=2", "finetune.steps=4",
+         "finetune.batch_size=4", "data.max_eval_examples=20"]
+STAGES = [("prepare", []), ("ict", []), ("pretrain", []), ("evaluate", ["eval.model=realm"]),
+          ("finetune", []), ("evaluate", ["task=openqa"])]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    p.add_argument("--run-dir", help="default: a temp dir, removed afterwards")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    apply_common_args(a)
+    run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="e2e-")) / "run"
+    overrides = [*(SMOKE if a.smoke else []), *a.overrides, f"run_dir={run_dir}"]
+    if a.threads:
+        overrides.append(f"threads={a.threads}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows, total = [], 0.0
+    try:
+        for command, extra in STAGES:
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), command, "--config", a.config,
+                                   *overrides, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if proc.returncode:
+                raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
+            total += seconds
+            row = {"stage": " ".join([command, *extra]), "seconds": seconds}
+            if command == "pretrain":
+                s = json.loads((run_dir / "pretrain_summary.json").read_text()) \
+                    if (run_dir / "pretrain_summary.json").is_file() else {}
+                row["detail"] = (f"{s.get('steps', '?')} steps, {s.get('refreshes', '?')} refreshes, blocked "
+                                 f"{s.get('refresh_blocked', 0) + s.get('staleness_wait', 0):.1f} s")
+            elif command == "evaluate":
+                m = json.loads((run_dir / "metrics.json").read_text())
+                keys = ("exact_match", "retrieval_recall_at_k") if "exact_match" in m else \
+                    ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k")
+                row["detail"] = ", ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None)
+            rows.append(row)
+        rows.append({"stage": "total", "seconds": total, "detail": f"{total / 60:.1f} min"})
+    finally:
+        if not a.run_dir:
+            shutil.rmtree(run_dir.parent, ignore_errors=True)
+    print_table("End-to-end demo", rows)
+    write_results("End-to-end demo wall time", {"config": Path(a.config).name, "smoke": a.smoke,
+                                                "overrides": " ".join(a.overrides) or "-"}, rows, a.results,
+                  notes=["each stage is one `launch.py` process (interpreter, torch and Ray start-up included)"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
