@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("--json", action="store_true", help="query: print one JSON object")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the command or the overrides
 
     from indexer.io import InputError
     from trainer.config import load_config
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or missing directory: the environment, not the input
+        where = e.filename or (cfg.run_dir if "cfg" in locals() else "")
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

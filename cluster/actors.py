@@ -198,7 +198,7 @@ class ServiceIndex:
         cfg = run.cfg
         self.service, self.run, self.run_id, self.rank = service, run, run_id, rank
         self.every, self.total, self.mode = cfg.refresh.every_steps, cfg.pretrain.steps, cfg.refresh.mode
-        self.max_staleness = cfg.refresh.max_staleness
+        self.max_staleness, self.wait_timeout_s = cfg.refresh.max_staleness, cfg.refresh.wait_timeout_s
         self.version, self.checkpoint_step, self.stats = -1, -1, {}
         status = ray.get(service.status.remote())
         ours = status is not None and (status["doc_encoder_id"].startswith(run_id)
@@ -227,6 +227,10 @@ class ServiceIndex:
             if status is not None and status["checkpoint_step"] >= min_checkpoint_step:
                 self._note(status)
                 return time.perf_counter() - t0
+            if time.perf_counter() - t0 > self.wait_timeout_s:
+                raise RuntimeError(f"the index has not reached checkpoint step {min_checkpoint_step} after "
+                                   f"{self.wait_timeout_s:.0f} s (refresh.wait_timeout_s); refresh errors are "
+                                   f"in {self.run.dir / 'events.jsonl'} (job 'refresh')")
             time.sleep(0.05)
 
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
@@ -264,8 +268,6 @@ class TrainerWorker:
             return host, s.getsockname()[1]
 
     def train(self, master: tuple[str, int], service) -> dict:
-        import json
-
         import torch
 
         from trainer.engine import DeepSpeedEngine, init_distributed
@@ -280,10 +282,9 @@ class TrainerWorker:
         backend = cc.dist_backend if cc.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
         init_distributed(self.rank, self.world, master[0], master[1], backend)
         torch.manual_seed(cfg.seed)
-        model, _ = initial_model(run)
+        model, meta = initial_model(run)
         model.to(run.device).train()
-        ict_meta = run.dir / "models" / "ict" / "realm.json"
-        initial_id = json.loads(ict_meta.read_text()).get("doc_encoder_id", "") if ict_meta.is_file() else ""
+        initial_id = meta.get("doc_encoder_id", "")
         bf16 = cc.bf16 == "true" or (cc.bf16 == "auto" and on_gpu)
         p = cfg.pretrain
         engine = DeepSpeedEngine(model, build_optimizer_groups(model, cfg), p.steps, p.warmup_steps, p.grad_clip,
@@ -293,7 +294,8 @@ class TrainerWorker:
             def make_index(m, run_id: str, start: int) -> ServiceIndex:
                 return ServiceIndex(service, run, m, run_id, start, self.rank, initial_id)
 
-            return train_loop(run, engine.module, engine, make_index, log, self.rank, self.world)
+            return train_loop(run, engine.module, engine, make_index, log, self.rank, self.world,
+                              init=meta.get("stage", ""))
         finally:
             if log is not None:
                 log.close()

@@ -53,7 +53,12 @@ class RefreshCoordinator:
             published = step_dirs(self.run_dir / "published")
             if published and published[-1][0] > self.last_step:
                 step, path = published[-1]
-                await self.refresh(step, path)
+                try:
+                    await self.refresh(step, path)
+                except Exception as e:  # a damaged publish must not stop later refreshes
+                    self.last_step = step
+                    self.log.log(step, error=f"{type(e).__name__}: {e}"[:500])
+                    print(f"refresh of {path} failed, skipped: {type(e).__name__}: {e}", flush=True)
             else:
                 await asyncio.sleep(self.poll)
 

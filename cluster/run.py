@@ -23,6 +23,7 @@ from cluster.actors import EmbeddingWorker, ShardServer, ShardService, TrainerWo
 from cluster.refresh import RefreshCoordinator
 from indexer.io import InputError, atomic_write_json
 from indexer.shards import gpu_available
+from indexer.versions import IndexVersions
 from trainer.config import Config
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -97,6 +98,7 @@ def start_trainers(cfg: Config, timeout_s: float = 600) -> tuple[list, object]:
 def pretrain_on_ray(cfg: Config) -> dict:
     if not (Path(cfg.run_dir) / "blocks" / "manifest.json").is_file():
         raise InputError(f"{cfg.run_dir}/blocks: no block store (run `launch.py prepare` first)")
+    IndexVersions(Path(cfg.run_dir) / "index").current()  # a damaged CURRENT fails here, in one line
     started = connect(cfg)
     t0 = time.time()
     shards, service, workers, coordinator = start_index_actors(cfg)

@@ -14,10 +14,10 @@ from trainer.config import load_config, valid_keys
 GOOD = {"id": "a", "title": "T", "text": "Alice went to Paris in 1990."}
 
 
-def launch(*args, cwd=None):
+def launch(*args, cwd=None, **popen):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+                          cwd=cwd, env=env, timeout=300, **popen)
 
 
 def run_dir_is_clean(run_dir: Path) -> bool:

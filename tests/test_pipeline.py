@@ -25,18 +25,18 @@ def test_commands_chain_through_the_run_directory(tiny_cfg):
     assert metrics["n"] == 12 and metrics["k"] == 3
     for key in ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k"):
         assert 0.0 <= metrics[key] <= 1.0
-    # ICT published v1; pretraining re-embedded at steps 0 and 2; evaluate reused none of them
-    # (the final model differs) and published its own.
+    # ICT published v1, which pretraining reused at step 0 (same doc encoder); it re-embedded at
+    # step 2; evaluate reused none of them (the final model differs) and published its own.
     versions = IndexVersions(f"{run}/index")
-    assert versions.current().version == 4 and len(versions.versions()) == cfg.refresh.keep_versions
+    assert versions.current().version == 3 and len(versions.versions()) == cfg.refresh.keep_versions
     events = [json.loads(line) for line in open(f"{run}/events.jsonl")]
     steps = [e for e in events if e["job"] == "pretrain"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
-    assert [e["index_version"] for e in steps] == [2, 2, 3, 3]
+    assert [e["index_version"] for e in steps] == [1, 1, 2, 2]
     assert [e["staleness"] for e in steps] == [1, 2, 1, 2]
-    assert metrics["index_version"] == 4
+    assert metrics["index_version"] == 3
     # a second evaluate finds the index built by this very model and does not re-embed
-    assert loop.evaluate(cfg)["index_version"] == 4
+    assert loop.evaluate(cfg)["index_version"] == 3
 
 
 def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path):

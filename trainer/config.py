@@ -96,6 +96,7 @@ class RefreshConfig:
     every_steps: int = 100         # publish the doc encoder; the corpus is re-embedded from it
     mode: str = "async"            # async: train on while workers re-embed | sync: wait for the new index
     max_staleness: int = 300       # async: trainers wait only when the index is more steps behind than this
+    wait_timeout_s: float = 3600   # a trainer waiting this long for the index fails with an error
     keep_versions: int = 2
 
 

@@ -9,6 +9,7 @@ checkpoints load with `weights_only=True`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -67,9 +68,11 @@ class TorchEngine:
                    Path(directory) / "engine.pt")
 
     def load(self, directory: Path) -> dict:
-        state = torch.load(Path(directory) / "engine.pt", map_location="cpu", weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.load_state_dict(state)
+        path = Path(directory) / "engine.pt"
+        state = load_weights_only(path)
+        with refuse_mismatch(directory):
+            self.module.load_state_dict(state["model"])
+            self.load_state_dict(state)
         return state["client"]
 
 
@@ -117,11 +120,37 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory), tag="ds", client_state=client_state, save_latest=False)
 
     def load(self, directory: Path) -> dict:
-        path, client = self.engine.load_checkpoint(str(directory), tag="ds")
+        with refuse_mismatch(directory):
+            path, client = self.engine.load_checkpoint(str(directory), tag="ds")
         if path is None:
             from indexer.io import InputError
             raise InputError(f"{directory}: no DeepSpeed checkpoint (tag 'ds') to resume from")
         return client  # DeepSpeed has already taken its own keys out
+
+
+def load_weights_only(path: Path, map_location="cpu"):
+    """torch.load that never unpickles code; anything else is refused with an error naming the file."""
+    import pickle
+
+    from indexer.io import InputError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise InputError(f"{path}: refused: not a weights-only torch checkpoint "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
+@contextlib.contextmanager
+def refuse_mismatch(directory: Path):
+    """A state of another model size or layout -> one line naming the checkpoint."""
+    from indexer.io import InputError
+
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise InputError(f"{directory}: checkpoint of another model size or layout: {msg}") from None
 
 
 def _weights_only_checkpoint_engine(engine):
@@ -135,7 +164,7 @@ def _weights_only_checkpoint_engine(engine):
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals([LossScaler]):
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return load_weights_only(Path(path), map_location)
 
     return WeightsOnlyCheckpointEngine(engine._config)
 

@@ -17,6 +17,7 @@ import torch
 
 from indexer.embed import pad_batch
 from indexer.io import InputError, atomic_write_bytes, atomic_write_json
+from indexer.shards import ShardedIndex
 from trainer.checkpoint import load_model, save_model
 from trainer.config import Config
 from trainer.engine import TorchEngine, param_groups
@@ -82,12 +83,14 @@ def make_qa_batch(run: Run, questions: list[np.ndarray], candidates: np.ndarray,
 class QASystem:
     """A model, its fixed index and the doc embeddings behind it: everything a question needs."""
 
-    def __init__(self, run: Run, model: OpenQAModel | REALM, meta: dict, retrieval: str = "index"):
+    def __init__(self, run: Run, model: OpenQAModel | REALM, meta: dict, retrieval: str = "index",
+                 index: ShardedIndex | None = None):
+        """`index`: the corpus embedded by this model's doc encoder (default: the run's, built if missing)."""
         self.run, self.meta, self.retrieval = run, meta, retrieval
         if isinstance(model, REALM):  # fine-tuning starts here: the span reader reads with the KAE's BERT
             model = OpenQAModel(model.retriever, model.reader.bert)
         self.model = model.to(run.device)
-        self.index = index_for_model(run, model, meta)
+        self.index = index if index is not None else index_for_model(run, model, meta)
         self.doc_emb = torch.as_tensor(np.array(self.index.embeddings))
         self.rng = np.random.default_rng(0)
 
@@ -216,28 +219,33 @@ def finetune(cfg: Config) -> dict:
     return {"steps": c.steps, "seconds": time.time() - t0, "skipped_no_answer": skipped}
 
 
+def answer_questions(system: QASystem, examples: list[QAExample], k: int, max_answer_len: int, batch_size: int
+                     ) -> list[dict]:
+    """One record per question: prediction, exact match, answer string in the top-k blocks, top-k ids."""
+    system.model.eval()
+    records = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        for ex, pred in zip(chunk, system.predict([e.question for e in chunk], k, max_answer_len)):
+            records.append({"question": ex.question, "prediction": pred["prediction"], "gold": ex.answers,
+                            "exact_match": exact_match(pred["prediction"], ex.answers, ex.is_regex),
+                            "answer_in_top_k": any(answer_in_text(system.run.store.text(b), ex.answers, ex.is_regex)
+                                                   for b in pred["top_k"] if b >= 0),
+                            "top_k": pred["top_k"], "scores": pred["scores"]})
+    return records
+
+
 def evaluate_openqa(cfg: Config) -> dict:
     examples: list[QAExample] = read_qa(qa_file(cfg, "qa_eval"))[:cfg.data.max_eval_examples]
     system = load_qa_system(cfg, cfg.eval.model)
-    system.model.eval()
-    k, A = cfg.finetune.k, cfg.finetune.max_answer_len
-    hits = found = 0
-    lines = []
-    for i in range(0, len(examples), cfg.eval.batch_size):
-        chunk = examples[i:i + cfg.eval.batch_size]
-        for ex, pred in zip(chunk, system.predict([e.question for e in chunk], k, A)):
-            em = exact_match(pred["prediction"], ex.answers, ex.is_regex)
-            in_top = any(answer_in_text(system.run.store.text(b), ex.answers, ex.is_regex)
-                         for b in pred["top_k"] if b >= 0)
-            hits += em
-            found += in_top
-            lines.append(json.dumps({"question": ex.question, "prediction": pred["prediction"], "gold": ex.answers,
-                                     "exact_match": em, "top_k": pred["top_k"], "scores": pred["scores"]}))
+    k = cfg.finetune.k
+    records = answer_questions(system, examples, k, cfg.finetune.max_answer_len, cfg.eval.batch_size)
     n = len(examples)
-    metrics = {"exact_match": hits / n, "retrieval_recall_at_k": found / n, "k": k, "n": n,
+    metrics = {"exact_match": sum(r["exact_match"] for r in records) / n,
+               "retrieval_recall_at_k": sum(r["answer_in_top_k"] for r in records) / n, "k": k, "n": n,
                "index_version": system.index.version,
                "model": str(resolve_qa_model_dir(system.run.dir, cfg.eval.model)), "retrieval": cfg.finetune.retrieval}
-    atomic_write_bytes(system.run.dir / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(system.run.dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     atomic_write_json(system.run.dir / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     return metrics

@@ -110,15 +110,19 @@ def refresh_index(run: Run, model, step: int, doc_encoder_id: str, shards: int =
     return ShardedIndex(emb, shards, v.version, step)
 
 
-def index_for_model(run: Run, model, meta: dict) -> ShardedIndex:
-    """The CURRENT index if this model's doc encoder built it, else a fresh one (published)."""
-    v = run.versions.current()
-    doc_encoder_id = meta.get("doc_encoder_id", "")
-    if v is not None and v.rows == len(run.store) and doc_encoder_id:
-        manifest = json.loads((v.path / "manifest.json").read_text())
-        if manifest.get("doc_encoder_id") == doc_encoder_id:
+def stored_index(run: Run, *doc_encoder_ids: str) -> ShardedIndex | None:
+    """A committed index version built by one of these doc encoders (in that order of preference)."""
+    for doc_encoder_id in filter(None, doc_encoder_ids):
+        v = run.versions.find(doc_encoder_id=doc_encoder_id)
+        if v is not None and v.rows == len(run.store):
             return ShardedIndex(IndexVersions.load_rows(v), 1, v.version, v.checkpoint_step)
-    return refresh_index(run, model, meta.get("step", 0), doc_encoder_id)
+    return None
+
+
+def index_for_model(run: Run, model, meta: dict) -> ShardedIndex:
+    """The stored index this model's doc encoder built, else a fresh one (published)."""
+    doc_encoder_id = meta.get("doc_encoder_id", "")
+    return stored_index(run, doc_encoder_id) or refresh_index(run, model, meta.get("step", 0), doc_encoder_id)
 
 
 def check_k(k: int, store: BlockStore, key: str) -> None:
@@ -183,14 +187,14 @@ def retrieve(model: REALM, index: ShardedIndex, run: Run, queries: list[D.Masked
     return index.search(emb, k, D.exclusion_matrix(queries))
 
 
-def initial_model(run: Run) -> tuple[REALM, str]:
+def initial_model(run: Run) -> tuple[REALM, dict]:
+    """The ICT model (its metadata: stage, doc_encoder_id), else a fresh one from model.init."""
     ict_dir = run.dir / "models" / "ict"
     if ict_dir.is_dir():
-        model, _ = load_model(ict_dir)
-        return model, "ict"
+        return load_model(ict_dir)
     print("warning: no ICT checkpoint in the run directory; starting from model.init without a warm "
           "retriever (REALM may get no retrieval signal: run `launch.py ict` first)", file=sys.stderr)
-    return fresh_model(run.cfg, run.vocab.size), run.cfg.model.init
+    return fresh_model(run.cfg, run.vocab.size), {"stage": run.cfg.model.init}
 
 
 # ---- evaluation --------------------------------------------------------------------------------

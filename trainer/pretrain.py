@@ -23,21 +23,29 @@ import uuid
 import numpy as np
 import torch
 
+from indexer.io import InputError
 from trainer import data as D
 from trainer.checkpoint import latest_training_state, save_model, save_training_state
 from trainer.config import Config
 from trainer.engine import param_groups
-from trainer.loop import Run, check_k, initial_model, refresh_index, retrieve, sample_queries
+from trainer.loop import Run, check_k, initial_model, refresh_index, retrieve, sample_queries, stored_index
 from trainer.metrics import MetricsLogger
 
 
 class StopTheWorldIndex:
-    """The single-process index: every `every_steps` the trainer stops and re-embeds the corpus."""
+    """The single-process index: every `every_steps` the trainer stops and re-embeds the corpus.
 
-    def __init__(self, run: Run, model, every_steps: int, total_steps: int, run_id: str, start_step: int):
+    At the start it reuses a stored version built by the same doc encoder (ICT's at step 0, this
+    run's own at a resume step) instead of re-embedding the corpus.
+    """
+
+    def __init__(self, run: Run, model, every_steps: int, total_steps: int, run_id: str, start_step: int,
+                 initial_id: str = ""):
         self.run, self.every, self.total, self.run_id = run, every_steps, total_steps, run_id
         self.stats = {}
-        self._refresh(model, start_step)
+        self.index = stored_index(run, f"{run_id}-{start_step}", initial_id if start_step == 0 else "")
+        if self.index is None:
+            self._refresh(model, start_step)
 
     def _refresh(self, model, step: int) -> float:
         t0 = time.perf_counter()
@@ -109,7 +117,7 @@ def restore(engine, cfg: Config, run: Run) -> dict | None:
 
 
 def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, rank: int = 0, world: int = 1,
-               ) -> dict:
+               init: str = "") -> dict:
     """The pre-training steps, from a fresh start or a checkpoint. `make_index(model, run_id,
     start_step)` builds the index client once the start step is known. Returns a summary."""
     cfg, c, k = run.cfg, run.cfg.pretrain, run.cfg.retrieval.k
@@ -121,6 +129,9 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
         start, run_id = 0, uuid.uuid4().hex
     else:
         start, run_id = state["step"], state["run_id"]
+        if len(state["numpy_rng"]) != world:
+            raise InputError(f"{run.dir / 'checkpoints'}: step {start} was written by {len(state['numpy_rng'])} "
+                             f"trainer(s); resume with cluster.trainers={len(state['numpy_rng'])}")
         rng.bit_generator.state = state["numpy_rng"][rank]
         torch.set_rng_state(state["torch_rng"][rank])
     index = make_index(model, run_id, start)
@@ -159,7 +170,7 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
     wall = time.time() - t_start
     if rank == 0:
         save_model(model, run.dir / "models" / "realm", step=c.steps,
-                   extra={"doc_encoder_id": f"{run_id}-{c.steps}", "stage": "realm"})
+                   extra={"doc_encoder_id": f"{run_id}-{c.steps}", "stage": "realm", "init": init})
     return {"start_step": start, "steps": c.steps - start, "seconds": wall, **totals,
             "stall_fraction": (totals["refresh_blocked"] + totals["staleness_wait"]) / max(wall, 1e-9)}
 
@@ -188,7 +199,7 @@ def pretrain(cfg: Config) -> dict:
     run = Run.open(cfg)
     check_k(cfg.retrieval.k, run.store, "retrieval.k")
     torch.manual_seed(cfg.seed)
-    model, _ = initial_model(run)
+    model, meta = initial_model(run)
     model.to(run.device).train()
     from trainer.engine import TorchEngine
 
@@ -197,7 +208,8 @@ def pretrain(cfg: Config) -> dict:
     log = MetricsLogger(run.dir, "pretrain", cfg)
     try:
         summary = train_loop(run, model, engine, lambda m, run_id, step: StopTheWorldIndex(
-            run, m, cfg.refresh.every_steps, cfg.pretrain.steps, run_id, step), log)
+            run, m, cfg.refresh.every_steps, cfg.pretrain.steps, run_id, step, meta.get("doc_encoder_id", "")),
+            log, init=meta.get("stage", ""))
     finally:
         log.close()
     print(f"pretrain: {summary['steps']} steps in {summary['seconds']:.1f} s; blocked by refresh "
