@@ -200,9 +200,13 @@ class ServiceIndex:
         self.every, self.total, self.mode = cfg.refresh.every_steps, cfg.pretrain.steps, cfg.refresh.mode
         self.max_staleness, self.wait_timeout_s = cfg.refresh.max_staleness, cfg.refresh.wait_timeout_s
         self.version, self.checkpoint_step, self.stats = -1, -1, {}
+        # Start from the served index if this model's doc encoder (or, async, an earlier one of this
+        # run within the staleness bound) built it; else publish and wait. Sync insists on the exact
+        # one, so that a resumed run sees the index the uninterrupted run saw.
         status = ray.get(service.status.remote())
-        ours = status is not None and (status["doc_encoder_id"].startswith(run_id)
-                                       or (start_step == 0 and status["doc_encoder_id"] == initial_id))
+        own_ids = {f"{run_id}-{start_step}"} | ({initial_id} if start_step == 0 and initial_id else set())
+        served = status["doc_encoder_id"] if status else None
+        ours = served in own_ids or (self.mode == "async" and served is not None and served.startswith(run_id))
         if not ours or start_step - status["checkpoint_step"] > self.max_staleness:
             if rank == 0:
                 self.publish(model, start_step)

@@ -89,7 +89,7 @@ def start_trainers(cfg: Config, timeout_s: float = 600) -> tuple[list, object]:
         raise InputError(f"config keys 'cluster.trainers'/'cluster.trainer_*': {cc.trainers} x {bundle} "
                          f"could not be placed on this Ray cluster within {timeout_s:.0f} s")
     trainers = [TrainerWorker.options(num_cpus=cc.trainer_cpus, num_gpus=cc.trainer_gpus,
-                                      runtime_env=actor_env(cfg, cc.trainer_gpus),
+                                      runtime_env=actor_env(cfg, cc.trainer_gpus), name=actor_name(f"trainer-{i}", cfg),
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
                 .remote(cfg, i, cc.trainers) for i in range(cc.trainers)]
     return trainers, pg

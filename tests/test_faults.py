@@ -116,3 +116,56 @@ def test_killing_a_shard_server_mid_training_recovers(local_ray, tiny_cfg):
     assert recoveries and recoveries[0]["shards"] == [1], recoveries
     print(f"shard server killed: 1; queries that waited for it: {len(recoveries)}, "
           f"recovery {recoveries[0]['seconds']:.2f} s; steps lost 0")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in open(run_dir / "events.jsonl"):
+        e = json.loads(line)
+        if e["job"] == "pretrain":
+            out[e["step"]] = e["loss"]  # logged before the kill and again after resume: the later wins
+    return out
+
+
+def test_killed_deepspeed_trainer_resumes_with_the_same_losses(local_ray, tiny_cfg, tmp_path):
+    """refresh.mode=sync makes the index a function of the step, so the resumed run must retrace
+    the uninterrupted one exactly (CPU, fp32, same seed): losses compared bit for bit."""
+    import copy
+    import shutil
+
+    base = tiny_cfg("ict.steps=1", "pretrain.steps=10", "pretrain.log_every=1", "refresh.every_steps=2",
+                    "refresh.mode=sync", "pretrain.checkpoint_every=2", "cluster.backend=ray", "threads=1")
+    loop.prepare(base)
+    loop.ict(base)
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = copy.deepcopy(base)
+        runs[name].run_dir = str(tmp_path / name)
+        shutil.copytree(base.run_dir, runs[name].run_dir)
+    pretrain_on_ray(runs["a"])
+    want = losses(Path(runs["a"].run_dir))
+
+    b = runs["b"]
+    thread, out = run_in_thread(b)
+    trainer = actor("trainer-0", b)
+    pid = ray.get(trainer.pid.remote())
+    checkpoints = Path(b.run_dir) / "checkpoints"
+    while thread.is_alive() and not (checkpoints / "step_4").is_dir():
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    thread.join()
+    assert isinstance(out.get("error"), ray.exceptions.RayError), out
+    assert not (Path(b.run_dir) / "models" / "realm").exists(), "finished before the kill"
+    versions_before = IndexVersions(Path(b.run_dir) / "index").versions()
+
+    resumed = copy.deepcopy(b)
+    resumed.pretrain.resume = True
+    summary = pretrain_on_ray(resumed)
+    start = summary["start_step"]
+    assert 4 <= start < 10
+    got = losses(Path(b.run_dir))
+    assert [got[s] for s in range(start + 1, 11)] == [want[s] for s in range(start + 1, 11)]
+    assert min(IndexVersions(Path(b.run_dir) / "index").versions()) >= min(versions_before)
+    assert max(IndexVersions(Path(b.run_dir) / "index").versions()) > max(versions_before)
+    print(f"trainer killed at step >= 4, resumed from step {start}: losses of steps {start + 1}-10 equal "
+          f"bit for bit; index versions {versions_before} -> {IndexVersions(Path(b.run_dir) / 'index').versions()}")
