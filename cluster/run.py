@@ -62,6 +62,22 @@ def actor_name(role: str, cfg: Config) -> str:
     return f"realm-{role}:{Path(cfg.run_dir).resolve()}"
 
 
+def release_names(cfg: Config, timeout_s: float = 60.0) -> None:
+    """Kill actors a previous launch on this run dir left behind (e.g. a killed trainer still being
+    torn down), so that this launch can take their names."""
+    suffix = f":{Path(cfg.run_dir).resolve()}"
+    deadline = time.time() + timeout_s
+    while stale := [n for n in ray.util.list_named_actors() if n.startswith("realm-") and n.endswith(suffix)]:
+        for name in stale:
+            try:
+                ray.kill(ray.get_actor(name))
+            except ValueError:  # gone meanwhile
+                pass
+        if time.time() > deadline:
+            raise RuntimeError(f"actors {stale} of an earlier launch on {cfg.run_dir} did not go away")
+        time.sleep(0.2)
+
+
 def start_index_actors(cfg: Config) -> tuple[list, object, list, object]:
     """Shard servers, the shard service, embedding workers and the refresh coordinator."""
     cc, run_dir = cfg.cluster, str(Path(cfg.run_dir).resolve())
@@ -100,9 +116,10 @@ def pretrain_on_ray(cfg: Config) -> dict:
         raise InputError(f"{cfg.run_dir}/blocks: no block store (run `launch.py prepare` first)")
     IndexVersions(Path(cfg.run_dir) / "index").current()  # a damaged CURRENT fails here, in one line
     started = connect(cfg)
+    release_names(cfg)
     t0 = time.time()
     shards, service, workers, coordinator = start_index_actors(cfg)
-    pg = None
+    pg, trainers = None, []
     try:
         ray.get(coordinator.start.remote())
         refresher = coordinator.run.remote()
@@ -113,7 +130,7 @@ def pretrain_on_ray(cfg: Config) -> dict:
         ray.get(refresher)
         recoveries = ray.get(service.recovery_log.remote())
     finally:
-        for actor in [coordinator, service, *workers, *shards]:
+        for actor in [coordinator, service, *workers, *shards, *trainers]:
             ray.kill(actor)
         if pg is not None:
             remove_placement_group(pg)
