@@ -305,13 +305,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(title: str, config: dict, rows: list[dict], path: str | os.PathLike = ROOT / "bench" / "RESULTS.md",
-                  device: torch.device | None = None, notes: list[str] | None = None) -> str:
+                  device: torch.device | None = None, notes: list[str] | None = None, header: str = RESULTS_HEADER,
+                  command: str | None = None) -> str:
     """Prepend one section (machine, commit, date, configuration, table) to `path`; returns the section.
 
-    Newest first, so the file reads as a log whose top is the current state.
+    Newest first, so the file reads as a log whose top is the current state. `header` opens the file;
+    `command` defaults to this script's command line.
     """
     info = machine_info(device)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    cmd = command or "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     lines = [f"## {title} — {info['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "date"]
     lines.append(f"- command: `{cmd}`")
@@ -321,10 +323,10 @@ def write_results(title: str, config: dict, rows: list[dict], path: str | os.Pat
 
     p = Path(path)
     old = p.read_text() if p.is_file() else ""
-    body = old.removeprefix(RESULTS_HEADER)
+    body = old.removeprefix(header)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(RESULTS_HEADER + "\n" + section + ("\n" + body.lstrip("\n") if body.strip() else ""))
+    tmp.write_text(header + "\n" + section + ("\n" + body.lstrip("\n") if body.strip() else ""))
     os.replace(tmp, p)  # a reader never sees half a file
     return section
 

@@ -150,6 +150,14 @@ class IndexVersions:
         by `load_rows`, where the rows are read)."""
         return verify_manifest(path, check_hashes=False)
 
+    def find(self, **fields) -> IndexVersion | None:
+        """The newest committed version whose manifest has all of `fields` (e.g. doc_encoder_id=...)."""
+        for _, path in reversed(self._committed()):
+            meta = self.read_manifest(path)
+            if all(meta.get(k) == v for k, v in fields.items()):
+                return self._version(path, meta)
+        return None
+
     def open(self, path: str | os.PathLike, verify: bool = False) -> IndexVersion:
         meta = verify_manifest(path, check_hashes=verify)
         if meta.get("kind") != "index_version":

@@ -18,15 +18,30 @@ SMALL=(model.init=random model.hidden_size=32 model.num_heads=2 model.intermedia
 python launch.py prepare run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 python launch.py ict run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 
-# Our own temp dir and GCS port: every process of this head carries one of them on its command
-# line, so the clean-up stops this head only (`ray stop` would stop every Ray on the machine).
+# Our own temp dir and GCS port: this head's processes carry one of them on their command line,
+# or (agents, which rename themselves) its raylet's PID in their environment. The clean-up stops
+# this head only (`ray stop` would stop every Ray on the machine).
 RAY_TMP=$(mktemp -d /tmp/rayjob.XXXXXX)
 OURS="$RAY_TMP|--address=[^ ]*:$GCS_PORT( |$)"
-stop_head() { pkill -TERM -f -- "$OURS" || true; sleep 2; pkill -KILL -f -- "$OURS" || true; rm -rf "$RAY_TMP"; }
+RAYLET_PID=""
+head_pids() {
+  pgrep -f -- "$OURS" || true
+  [ -n "$RAYLET_PID" ] && for p in /proc/[0-9]*; do
+    grep -qszx "RAY_RAYLET_PID=$RAYLET_PID" "$p/environ" 2>/dev/null && echo "${p#/proc/}"
+  done
+  return 0
+}
+stop_head() {
+  local pids; pids=$(head_pids | sort -u)
+  [ -n "$pids" ] && kill -TERM $pids 2>/dev/null; sleep 2
+  pids=$(head_pids | sort -u); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  rm -rf "$RAY_TMP"
+}
 trap stop_head EXIT
 ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --include-dashboard true --temp-dir "$RAY_TMP" \
   --dashboard-agent-listen-port "$(free_port)" --ray-client-server-port "$(free_port)" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus 4 --disable-usage-stats >/dev/null
+RAYLET_PID=$(pgrep -f -- "raylet/raylet .*$RAY_TMP" | head -1)
 ADDRESS="http://127.0.0.1:$DASH_PORT"
 JOB_ID="realm-check-$$"
 # The head's job agent comes up a few seconds after `ray start`: retry only that refusal.

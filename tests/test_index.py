@@ -86,3 +86,14 @@ def test_incomplete_staging_is_never_committed(tmp_path):
     with pytest.raises(InputError, match="slice 1 missing"):
         versions.commit(v, 0, num_slices=2, total_rows=10)
     assert versions.current() is None and versions.versions() == []
+
+
+def test_find_returns_the_newest_version_built_by_a_doc_encoder(tmp_path):
+    versions = IndexVersions(tmp_path / "index")
+    emb = np.zeros((4, 2), np.float32)
+    for step, encoder in enumerate(["a", "b", "a", "c"]):
+        versions.publish(emb + step, checkpoint_step=step, extra={"doc_encoder_id": encoder})
+    found = versions.find(doc_encoder_id="a")
+    assert (found.version, found.checkpoint_step) == (3, 2)
+    np.testing.assert_array_equal(IndexVersions.load_rows(found), emb + 2)
+    assert versions.find(doc_encoder_id="z") is None and versions.current().version == 4
