@@ -24,7 +24,7 @@ SMOKE = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "mode
          "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96",
          "data.synthetic_entities=40", "ict.steps=2", "ict.batch_size=8", "retrieval.k=3", "eval.k=3",
          "pretrain.batch_size=4", "pretrain.steps=8", "refresh.every_steps=2", "finetune.steps=4",
-         "finetune.batch_size=4", "data.max_eval_examples=20"]
+         "finetune.batch_size=4", "data.max_eval_examples=20", "cluster.backend=local"]  # Ray: tests/test_cluster.py
 STAGES = [("prepare", []), ("ict", []), ("pretrain", []), ("evaluate", ["eval.model=realm"]),
           ("finetune", []), ("evaluate", ["task=openqa"])]
 

@@ -42,3 +42,24 @@ def tiny_cfg(tmp_path, tiny_corpus):
         return load_config(ROOT / "configs" / "tiny.yaml", base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray cluster (one per test module) on 127.0.0.1."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
+def pretrain_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from events.jsonl; a step logged twice (before a kill and after resume): the later wins."""
+    out = {}
+    for line in open(Path(run_dir) / "events.jsonl"):
+        e = json.loads(line)
+        if e["job"] == "pretrain":
+            out[e["step"]] = e["loss"]
+    return out

@@ -8,20 +8,11 @@ import json
 import threading
 
 import numpy as np
-import pytest
 import ray
 
 from cluster.run import pretrain_on_ray, start_index_actors
 from indexer.versions import IndexVersions
 from trainer import loop
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
 
 
 def flat_topk(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

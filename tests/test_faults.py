@@ -12,17 +12,11 @@ import ray
 
 from cluster.run import actor_name, pretrain_on_ray
 from indexer.versions import IndexVersions
+from tests.conftest import pretrain_losses
 from trainer import loop
 
 pytestmark = pytest.mark.timeout(900)
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
 
 
 def actor(role: str, cfg, timeout: float = 120.0):
@@ -118,16 +112,8 @@ def test_killing_a_shard_server_mid_training_recovers(local_ray, tiny_cfg):
           f"recovery {recoveries[0]['seconds']:.2f} s; steps lost 0")
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in open(run_dir / "events.jsonl"):
-        e = json.loads(line)
-        if e["job"] == "pretrain":
-            out[e["step"]] = e["loss"]  # logged before the kill and again after resume: the later wins
-    return out
 
-
-def test_killed_deepspeed_trainer_resumes_with_the_same_losses(local_ray, tiny_cfg, tmp_path):
+def test_killed_deepspeed_trainer_resumes_with_the_same_pretrain_losses(local_ray, tiny_cfg, tmp_path):
     """refresh.mode=sync makes the index a function of the step, so the resumed run must retrace
     the uninterrupted one exactly (CPU, fp32, same seed): losses compared bit for bit."""
     import copy
@@ -143,7 +129,7 @@ def test_killed_deepspeed_trainer_resumes_with_the_same_losses(local_ray, tiny_c
         runs[name].run_dir = str(tmp_path / name)
         shutil.copytree(base.run_dir, runs[name].run_dir)
     pretrain_on_ray(runs["a"])
-    want = losses(Path(runs["a"].run_dir))
+    want = pretrain_losses(Path(runs["a"].run_dir))
 
     b = runs["b"]
     thread, out = run_in_thread(b)
@@ -163,7 +149,7 @@ def test_killed_deepspeed_trainer_resumes_with_the_same_losses(local_ray, tiny_c
     summary = pretrain_on_ray(resumed)
     start = summary["start_step"]
     assert 4 <= start < 10
-    got = losses(Path(b.run_dir))
+    got = pretrain_losses(Path(b.run_dir))
     assert [got[s] for s in range(start + 1, 11)] == [want[s] for s in range(start + 1, 11)]
     assert min(IndexVersions(Path(b.run_dir) / "index").versions()) >= min(versions_before)
     assert max(IndexVersions(Path(b.run_dir) / "index").versions()) > max(versions_before)

@@ -95,6 +95,16 @@ def test_a_full_disk_mid_write_leaves_nothing(tmp_path):
     assert not (run / "blocks").exists() and no_temp_left(run)
 
 
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`: it must never happen."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 # ---- checkpoints -------------------------------------------------------------------------------
 
 def test_missing_and_foreign_checkpoints(trained_run, tmp_path):
@@ -108,13 +118,8 @@ def test_missing_and_foreign_checkpoints(trained_run, tmp_path):
 def test_a_pickle_disguised_as_weights_is_never_unpickled(trained_run, tmp_path):
     run, common = copy_run(trained_run, tmp_path)
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     model = run / "models" / "ict"
-    (model / "query_encoder" / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    (model / "query_encoder" / "model.safetensors").write_bytes(pickle.dumps(Payload(marker)))
     meta = json.loads((model / "realm.json").read_text())
     write_manifest(model, meta)  # checksums match: only the format can refuse it
     line = error_line(launch("evaluate", *common, "eval.model=ict"))
@@ -125,14 +130,9 @@ def test_a_pickle_disguised_as_weights_is_never_unpickled(trained_run, tmp_path)
 def test_a_pickle_disguised_as_a_training_state_is_refused(trained_run, tmp_path):
     run, common = copy_run(trained_run, tmp_path)
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     state = run / "checkpoints" / "step_2"
     state.mkdir(parents=True)
-    (state / "engine.pt").write_bytes(pickle.dumps(Payload()))
+    (state / "engine.pt").write_bytes(pickle.dumps(Payload(marker)))
     write_manifest(state, {"kind": "training_state", "step": 2})
     line = error_line(launch("pretrain", *common, "pretrain.steps=4", "pretrain.resume=true"))
     assert f"{state / 'engine.pt'}: refused" in line

@@ -1,6 +1,5 @@
 """Kill the trainer process mid-run, then resume: nothing half-written is ever taken for complete,
 and the resumed run's losses equal an uninterrupted run's (same seed, CPU)."""
-import json
 import os
 import shutil
 import signal
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from indexer.io import verify_manifest
 from indexer.versions import IndexVersions
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pretrain_losses
 from trainer import loop
 from trainer.checkpoint import latest_training_state, step_dirs
 
@@ -26,14 +25,6 @@ def cli_args(cfg, *extra) -> list[str]:
             "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96",
             "threads=1", "retrieval.k=3", "pretrain.batch_size=4", *STEPS, *extra]
 
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in open(run_dir / "events.jsonl"):
-        e = json.loads(line)
-        if e["job"] == "pretrain":
-            out[e["step"]] = e["loss"]  # a step logged twice (before the kill and after resume): the later wins
-    return out
 
 
 def assert_nothing_half_written_is_visible(run_dir: Path) -> None:
@@ -58,7 +49,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
     subprocess.run(cli_args(cfg, f"run_dir={a}"), check=True, env=env, capture_output=True, timeout=600)
-    want = losses(a)
+    want = pretrain_losses(a)
     assert sorted(want) == list(range(1, 15))
 
     # run b: killed (SIGKILL, no clean-up) soon after its second checkpoint appears
@@ -77,7 +68,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
     done = subprocess.run(cli_args(cfg, f"run_dir={b}", "pretrain.resume=true"), check=True, env=env,
                           capture_output=True, text=True, timeout=600)
     assert f"continuing from {b / 'checkpoints'}/step_{resumed_from}" in done.stderr
-    got = losses(b)
+    got = pretrain_losses(b)
     after = range(resumed_from + 1, 15)
     assert [got[s] for s in after] == [want[s] for s in after]  # bitwise: same floats from the same state
     assert (b / "models" / "realm" / "manifest.json").is_file()
