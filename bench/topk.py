@@ -4,8 +4,12 @@ On the same random float32 embeddings [N, dim], for query batches of 1 and 512:
   sharded     indexer.shards.ShardedIndex with S shards (per-shard search + merge_topk)
   flat        one indexer.shards.FlatShard (a faiss IndexFlatIP)
   numpy       matmul + argpartition, what HF's RealmRetriever does (unsorted top-k)
-  torch-*     exact matmul + topk in row chunks on a torch device (our GPU path when faiss has no
-              GPU): fp32 storage, and fp16/bf16 storage whose chunk winners are re-scored in fp32
+  torch-*     exact matmul + topk in row chunks on a torch device: fp32 storage, and fp16/bf16
+              storage whose chunk winners are re-scored in fp32 (the plain brute force on a GPU)
+  grouped     indexer.torch_search.TorchFlatShard, the shard service's GPU path when faiss has no
+              GPU: group maxima of 32 rows (one fused Triton kernel on CUDA), then the best groups
+              re-scored exactly in fp32; one row per Triton tile config, and the shard service over
+              4 such shards
 
 Every method's ids are checked against numpy's (recall 1.0 = same id sets; a differing id counts
 as a hit when its score ties the k-th best within float32 rounding). Beyond --max-rows only the
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-dtypes", default="fp32,fp16,bf16", help="storage dtypes of the torch path")
     p.add_argument("--oversample", type=int, default=4,
                    help="fp16/bf16: each chunk keeps k*oversample winners, re-scored in fp32")
+    p.add_argument("--grouped", choices=["auto", "on", "off"], default="auto",
+                   help="indexer.torch_search rows: auto = with the torch path; on = also on CPU")
     a = p.parse_args(argv)
     apply_common_args(a)
     if a.smoke:
@@ -80,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.faiss, a.faiss_gpu = False, False
     a.torch_on = a.torch == "on" or (a.torch == "auto" and a.device.type == "cuda" and not a.faiss_gpu)
     a.torch_max_rows = a.torch_max_rows or (10_000_000 if a.device.type == "cuda" else a.max_rows)
+    a.grouped_on = a.grouped == "on" or (a.grouped == "auto" and a.torch_on)
     if "fp32" not in a.torch_dtypes and a.torch_on:
         a.torch_dtypes.insert(0, "fp32")  # the reference beyond --max-rows
     return a
@@ -157,6 +164,34 @@ class TorchTopK:
         return top_s.float().cpu().numpy(), ids.gather(1, pos).cpu().numpy()
 
 
+def grouped_methods(a: argparse.Namespace, N: int, emb_np: np.ndarray | None, emb_t: torch.Tensor | None
+                    ) -> list[tuple[str, Search, float]]:
+    """TorchFlatShard rows: one per Triton tile config on CUDA (the first is the default), else the
+    torch stage 1; plus the shard service (ShardedIndex) over --shards such shards."""
+    from indexer.torch_search import TRITON_CONFIGS, TorchFlatShard, triton_usable
+
+    host = emb_np if emb_np is not None else emb_t.cpu().numpy()
+    dev = a.device.type
+    configs = TRITON_CONFIGS if triton_usable(a.device, a.dim) else [None]
+    t0 = time.perf_counter()
+    shard = TorchFlatShard(host, device=a.device)  # one copy on the device, searched with each config
+    build = time.perf_counter() - t0
+
+    def search_with(q: np.ndarray, cfg: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+        shard.triton_config = cfg
+        return shard.search(q, a.k)
+
+    out = [(f"grouped {dev}" + (" triton {}x{} w{} s{}".format(*cfg) if cfg else " torch"),
+            lambda q, cfg=cfg: search_with(q, cfg), build) for cfg in configs]
+    if a.faiss and dev == "cuda":  # the shard service's own path: make_shard puts torch shards on the GPU
+        from indexer.shards import ShardedIndex
+        t0 = time.perf_counter()
+        sharded = ShardedIndex(host, a.shards, use_gpu=True)
+        out.append((f"sharded x{a.shards} grouped {dev}", lambda q, s=sharded: s.search(q, a.k),
+                    time.perf_counter() - t0))
+    return out
+
+
 # ---- checking --------------------------------------------------------------------------------
 
 def exact_scores(emb_rows: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -200,11 +235,11 @@ def bench_size(a: argparse.Namespace, N: int, rng: np.random.Generator) -> list[
         if a.faiss:
             from indexer.shards import FlatShard, ShardedIndex
             t0 = time.perf_counter()
-            flat = FlatShard(emb_np)
+            flat = FlatShard(emb_np, use_gpu=None if a.faiss_gpu else False)
             methods.append(("faiss flat" + (" (GPU)" if a.faiss_gpu else ""),
                             lambda q, f=flat: f.search(q, a.k), time.perf_counter() - t0))
             t0 = time.perf_counter()
-            sharded = ShardedIndex(emb_np, a.shards)
+            sharded = ShardedIndex(emb_np, a.shards, use_gpu=None if a.faiss_gpu else False)
             methods.append((f"sharded x{a.shards}", lambda q, s=sharded: s.search(q, a.k), time.perf_counter() - t0))
     emb_t: torch.Tensor | None = None
     if a.torch_on and N <= a.torch_max_rows:
@@ -219,6 +254,8 @@ def bench_size(a: argparse.Namespace, N: int, rng: np.random.Generator) -> list[
             t0 = time.perf_counter()
             tk = TorchTopK(emb_t, TORCH_DTYPES[name], a.k, a.oversample)
             methods.append((f"torch {a.device.type} {name}", tk, upload + time.perf_counter() - t0))
+    if a.grouped_on and N <= a.torch_max_rows:
+        methods += grouped_methods(a, N, emb_np, emb_t)
     if not methods:
         return rows
 
@@ -242,7 +279,8 @@ def bench_size(a: argparse.Namespace, N: int, rng: np.random.Generator) -> list[
                 j = next(starts)
                 search(queries[j:j + B])
 
-            t = time_fn(call, a.device if name.startswith("torch") else torch.device("cpu"), a.repeats, a.warmup)
+            on_device = name.startswith(("torch", "grouped", "sharded")) and a.device.type != "cpu"
+            t = time_fn(call, a.device if on_device else torch.device("cpu"), a.repeats, a.warmup)
             times[name] = t["median"]
             rows.append({"rows": fmt_rows(N), "batch": B, "method": name,
                          "latency ms": 1e3 * t["median"], "queries/s": B / t["median"], "recall": fmt_recall(r),

@@ -23,7 +23,7 @@ import ray
 
 @ray.remote
 class ShardServer:
-    """Rows [lo, hi) of an index version in a faiss flat index; up to two versions side by side,
+    """Rows [lo, hi) of an index version in a flat index (faiss, or torch on CUDA); up to two versions side by side,
     so queries on the old version are answered while the new one loads (threaded actor)."""
 
     def __init__(self, index_root: str, shard: int, num_shards: int, use_gpu: bool = False):
@@ -36,13 +36,13 @@ class ShardServer:
             self.load(str(current.path))
 
     def load(self, version_dir: str) -> dict:
-        from indexer.shards import FlatShard
+        from indexer.shards import make_shard
         from indexer.versions import IndexVersions
 
         v = IndexVersions(self.root).open(version_dir)
         bounds = np.linspace(0, v.rows, self.num_shards + 1).astype(int)
         lo, hi = int(bounds[self.shard]), int(bounds[self.shard + 1])
-        shard = FlatShard(IndexVersions.load_rows(v, lo, hi), lo, self.use_gpu)
+        shard = make_shard(IndexVersions.load_rows(v, lo, hi), lo, self.use_gpu)
         keep = {ver: s for ver, s in self.by_version.items() if ver >= v.version - 1}
         keep[v.version] = shard
         self.by_version = keep  # one assignment: a concurrent search sees the old dict or the new

@@ -22,7 +22,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import EmbeddingWorker, ShardServer, ShardService, TrainerWorker
 from cluster.refresh import RefreshCoordinator
 from indexer.io import InputError, atomic_write_json
-from indexer.shards import gpu_available
 from indexer.versions import IndexVersions
 from trainer.config import Config
 
@@ -88,7 +87,7 @@ def start_index_actors(cfg: Config) -> tuple[list, object, list, object]:
     cc, run_dir = cfg.cluster, str(Path(cfg.run_dir).resolve())
     shards = [ShardServer.options(num_cpus=cc.shard_cpus, num_gpus=cc.shard_gpus, max_concurrency=4,
                                   max_restarts=-1, runtime_env=actor_env(cfg, cc.shard_gpus))
-              .remote(f"{run_dir}/index", i, cc.shards, cc.shard_gpus > 0 and gpu_available())
+              .remote(f"{run_dir}/index", i, cc.shards, cc.shard_gpus > 0)
               for i in range(cc.shards)]
     service = ShardService.options(num_cpus=0, max_concurrency=64, name=actor_name("shards", cfg)).remote(shards)
     device = "cuda" if cc.embed_gpus > 0 else "cpu"

@@ -40,6 +40,23 @@ class FlatShard:
         return scores, ids
 
 
+def make_shard(embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
+    """A flat shard on the best device here: faiss on GPU when faiss has a GPU build, else torch on
+    CUDA (indexer.torch_search: the CUDA images we run on ship no faiss-gpu), else faiss on CPU.
+    `use_gpu`: None = when one is present, False = CPU faiss, True = a GPU or an error."""
+    import torch
+
+    if use_gpu is False or (use_gpu is None and not (gpu_available() or torch.cuda.is_available())):
+        return FlatShard(embeddings, offset, use_gpu=False)
+    if gpu_available():
+        return FlatShard(embeddings, offset, use_gpu=True)
+    if not torch.cuda.is_available():
+        raise RuntimeError("a GPU shard was asked for, but neither faiss nor torch sees a GPU")
+    from indexer.torch_search import TorchFlatShard
+
+    return TorchFlatShard(embeddings, offset, device="cuda")
+
+
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard (scores [B, k_i], ids [B, k_i]) into the global top-k.
 
@@ -82,12 +99,12 @@ def search_excluding(search, queries: np.ndarray, k: int, exclude: np.ndarray | 
 
 
 class ShardedIndex:
-    """Several FlatShards answering as one flat index (the single-process shard service)."""
+    """Several flat shards answering as one flat index (the single-process shard service)."""
 
     def __init__(self, embeddings: np.ndarray, num_shards: int = 1, version: int = 0, checkpoint_step: int = 0,
                  use_gpu: bool | None = None):
         bounds = np.linspace(0, len(embeddings), num_shards + 1).astype(int)
-        self.shards = [FlatShard(embeddings[a:b], int(a), use_gpu) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.shards = [make_shard(embeddings[a:b], int(a), use_gpu) for a, b in zip(bounds[:-1], bounds[1:])]
         self.rows = len(embeddings)
         self.embeddings = embeddings  # [rows, dim] float32, kept for re-scoring with a frozen doc tower
         self.version, self.checkpoint_step = version, checkpoint_step
