@@ -79,7 +79,10 @@ def _git(*args: str) -> str | None:
 
 
 def commit_info() -> str:
-    """Short commit hash, "+dirty" when the tree has uncommitted changes (the numbers may not match it)."""
+    """Short commit hash, "+dirty" when the tree has uncommitted changes (the numbers may not match it).
+    BENCH_COMMIT names it where the tree travels without .git (a copy on a GPU machine)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"] + " (BENCH_COMMIT)"
     rev = _git("rev-parse", "--short", "HEAD") or "no-commit"
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return rev + ("+dirty" if dirty else "")

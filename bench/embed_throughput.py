@@ -1,7 +1,7 @@
 """Doc-encoder embedding throughput (the index refresh's hot loop) over fixed-length blocks.
 
-Variants side by side in one run, each at several batch sizes: fp32 vs bf16 autocast (CUDA only),
-eager vs SDPA attention, torch.compile off / on. Every row is compared with the fp32 / eager /
+Variants side by side in one run, each at several batch sizes: fp32 vs bf16 autocast vs bf16
+weights (CUDA only), eager vs SDPA attention, torch.compile off / on. Every row is compared with the fp32 / eager /
 no-compile baseline at the same batch size, and with that baseline at the first batch size.
 
     python bench/embed_throughput.py              # GPU: BERT-base shape; CPU: a small shape (~1 min)
@@ -76,28 +76,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def variants(a: argparse.Namespace) -> list[dict]:
     """(precision, attention, compile, batch) in table order; the baseline comes first per batch size."""
-    precisions = ["fp32"] + (["bf16"] if a.device.type == "cuda" else [])  # CPU bf16 autocast is not our path
+    # bf16 = autocast over fp32 weights; bf16w = the tower cast to bf16 (LayerNorm, GELU and the
+    # residual stream in bf16 too, no per-call casts). CPU bf16 is not our path.
+    precisions = ["fp32"] + (["bf16", "bf16w"] if a.device.type == "cuda" else [])
     out = []
     for bs in a.batch_sizes:
         for prec in precisions:
             for attn in ("eager", "sdpa"):
                 out.append({"precision": prec, "attn": attn, "compile": False, "batch": bs})
             # Compile only the SDPA model: eager attention is what compile would have to fuse away,
-            # and each compilation costs tens of seconds.
-            if a.compile_on and bs in a.compile_batch_sizes:
+            # and each compilation costs tens of seconds (on CUDA, the bf16 ones only).
+            fp32_skip = prec == "fp32" and len(precisions) > 1
+            if a.compile_on and bs in a.compile_batch_sizes and not fp32_skip:
                 out.append({"precision": prec, "attn": "sdpa", "compile": True, "batch": bs})
     return out
 
 
-def build_towers(a: argparse.Namespace) -> dict[str, Tower]:
-    """One doc tower per attention implementation, same weights, eval mode (no dropout)."""
+def build_towers(a: argparse.Namespace) -> dict[tuple[str, str], Tower]:
+    """One doc tower per (weights dtype, attention implementation), same weights, eval mode."""
     bert = build_bert(a.init, VOCAB, a.layers, a.hidden, a.heads, a.intermediate)
     base = Tower(bert, a.dim).eval().to(a.device)
     towers = {}
     for attn in ("eager", "sdpa"):
         t = copy.deepcopy(base)
         t.encoder.set_attn_implementation(attn)
-        towers[attn] = t
+        towers["fp32", attn] = t
+        if a.device.type == "cuda":
+            towers["bf16", attn] = copy.deepcopy(t).to(torch.bfloat16)
     return towers
 
 
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if hasattr(dcfg, name):
                 setattr(dcfg, name, max(getattr(dcfg, name), 4 * len(a.batch_sizes)))
     towers = build_towers(a)
-    cfg = towers["sdpa"].encoder.config  # the real shape (minilm fixes it)
+    cfg = towers["fp32", "sdpa"].encoder.config  # the real shape (minilm fixes it)
     layers, hidden, inter = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     peak = peak_bf16_flops(a.device)
     compiled: dict[str, torch.nn.Module] = {}
@@ -124,9 +129,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # host->device copy; all-ones mask since blocks are packed to full length.
         ids = torch.randint(1000, VOCAB, (n_batches, bs, a.seq_len), device=a.device)
         mask = torch.ones(bs, a.seq_len, dtype=torch.long, device=a.device)
-        model: torch.nn.Module = towers[v["attn"]]
+        model: torch.nn.Module = towers["bf16" if v["precision"] == "bf16w" else "fp32", v["attn"]]
         if v["compile"]:
-            key = v["attn"]
+            key = (v["precision"], v["attn"])
             if key not in compiled:
                 compiled[key] = torch.compile(model, dynamic=False)
             model = compiled[key]
@@ -157,8 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "warmup": a.warmup, "smoke": a.smoke}
     notes = [("FLOPs: encoder matmuls only, 2*(4h^2 + 2hI)*tokens + 4*L*h*tokens per layer; MFU vs dense bf16 "
               "peak (fp32 rows too), n/a on CPU or an unknown GPU"),
-             ("bf16 = torch.autocast (the path indexer/embed.py takes on CUDA); fp32 matmuls at default precision "
-              f"({torch.get_float32_matmul_precision()})")]
+             ("bf16 = torch.autocast over fp32 weights; bf16w = the tower's weights cast to bf16, no autocast; "
+              f"fp32 matmuls at default precision ({torch.get_float32_matmul_precision()})")]
     title = "Doc-encoder embedding throughput"
     print_table(title, rows)
     write_results(title, config, rows, a.results, a.device, notes)

@@ -29,9 +29,9 @@ def lr_lambdas(param_groups: list[dict], total_steps: int, warmup_steps: int) ->
     return [schedule(g.get("frozen_steps", 0)) for g in param_groups]
 
 
-def _optimizer(param_groups: list[dict], total_steps: int, warmup_steps: int):
+def _optimizer(param_groups: list[dict], total_steps: int, warmup_steps: int, fused: bool = False):
     groups = [{k: v for k, v in g.items() if k != "frozen_steps"} for g in param_groups]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(param_groups, total_steps, warmup_steps))
     return optimizer, scheduler
 
@@ -40,7 +40,9 @@ class TorchEngine:
     def __init__(self, param_groups: list[dict], total_steps: int, warmup_steps: int, grad_clip: float = 1.0,
                  model: torch.nn.Module | None = None):
         self.params = [p for g in param_groups for p in g["params"]]
-        self.optimizer, self.scheduler = _optimizer(param_groups, total_steps, warmup_steps)
+        # One fused kernel per step on CUDA instead of a dozen foreach passes over every parameter.
+        fused = bool(self.params) and all(p.is_cuda for p in self.params)
+        self.optimizer, self.scheduler = _optimizer(param_groups, total_steps, warmup_steps, fused)
         self.grad_clip = grad_clip
         self.module = model
 
