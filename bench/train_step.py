@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="retrieval index: the faiss ShardedIndex, or exact torch search on --device "
                         "(auto: sharded when faiss is installed; the GPU image has none)")
     p.add_argument("--dim", type=int, default=128, help="retrieval embedding size")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="forward under bf16 autocast (auto: on CUDA) or plain fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16w"], default="auto",
+                   help="bf16 autocast over fp32 weights (auto: on CUDA), plain fp32, or bf16w: the model's "
+                        "weights in bf16 (DeepSpeed's bf16 compute, without its fp32 master-weight update)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the three encoders (query, doc, reader) before timing")
     p.add_argument("--steps", type=int, help="timed steps per batch size (median reported; default 5 GPU, 3 CPU)")
@@ -96,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ImportError:
             a.index = "torch"
     a.bf16 = a.precision == "bf16" or (a.precision == "auto" and gpu)
-    if a.bf16 and not gpu:
+    a.bf16w = a.precision == "bf16w"
+    if (a.bf16 or a.bf16w) and not gpu and not a.smoke:  # the smoke only checks the code path
         p.error("--precision bf16 is for CUDA (the trainer's CPU path is fp32)")
     if not 0 < a.masked <= a.query_len - 2:
         p.error("--masked must be between 1 and --query-len - 2")
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     model = build_realm(a.init, VOCAB, a.layers, a.reader_layers, a.hidden, a.heads, a.intermediate, a.dim)
     model.to(a.device).train()
+    if a.bf16w:
+        model.to(torch.bfloat16)
     if a.compile:  # in place, so parameter names (and the optimizer groups) stay the same
         for enc in (model.retriever.query_tower.encoder, model.retriever.doc_tower.encoder, model.reader.bert):
             enc.compile(dynamic=False)
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads, "intermediate": cfg.intermediate_size,
               "k": a.k, "Lq": a.query_len, "M": a.masked, "Ld": a.doc_len, "Lr": Lr,
               "index": a.index, "index_rows": a.index_rows,
-              "shards": a.shards if a.index == "sharded" else "-", "precision": "bf16 autocast" if a.bf16 else "fp32",
+              "shards": a.shards if a.index == "sharded" else "-",
+              "precision": "bf16 weights" if a.bf16w else "bf16 autocast" if a.bf16 else "fp32",
               "compile": a.compile,
               "steps": a.steps, "warmup": a.warmup, "smoke": a.smoke}
     notes = ["tokens/step = B*(Lq query + K*Ld doc + K*Lr reader + Lq null-doc reader)",

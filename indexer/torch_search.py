@@ -54,9 +54,9 @@ if triton is not None:
             out = out_ptr + rm.to(tl.int64)[:, None] * n_groups + rg[None, :]
             tl.store(out, gmax, mask=(rm[:, None] < B) & (rg[None, :] < n_groups))
 
-# (rows per tile, tiles per program, warps, pipeline stages): the first is the default; bench/topk.py
-# times each one on the GPU (--triton-configs).
-TRITON_CONFIGS = [(128, 8, 8, 3), (128, 8, 4, 3), (64, 16, 4, 3), (256, 4, 8, 2), (128, 1, 8, 1)]
+# (rows per tile, tiles per program, warps, pipeline stages): the first is the default, the fastest at
+# N = 1e6 and 1e7, batch 512, on an H100 (bench/RESULTS.md); bench/topk.py times each one on a GPU.
+TRITON_CONFIGS = [(64, 16, 4, 3), (128, 8, 8, 3), (128, 8, 4, 3), (256, 4, 8, 2), (128, 1, 8, 1)]
 
 
 def triton_usable(device: torch.device, dim: int) -> bool:
@@ -118,6 +118,8 @@ class TorchFlatShard:
         return group_max_torch(qs, self.scan, self.group)
 
     @torch.no_grad()
+    @torch.autocast("cuda", enabled=False)  # a caller's autocast must not round the exact stage to bf16
+    @torch.autocast("cpu", enabled=False)
     def search_tensor(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, dim] float32 on self.device -> (scores, local row ids) [B, min(k, rows)], best first."""
         kk = min(k, self.rows)
@@ -143,6 +145,6 @@ class TorchFlatShard:
         per_call = max(1, (1 << 26) // (max(k * self.groups_per_k, k) * self.group * self.dim))
         for i in range(0, B, per_call):
             s, ids = self.search_tensor(q[i:i + per_call], k)
-            out_s[i:i + per_call, :s.shape[1]] = s.cpu().numpy()
+            out_s[i:i + per_call, :s.shape[1]] = s.float().cpu().numpy()
             out_i[i:i + per_call, :ids.shape[1]] = ids.cpu().numpy() + self.offset
         return out_s, out_i
