@@ -56,7 +56,10 @@ class ModelConfig:
     retrieval_dim: int = 128
     query_max_len: int = 64
     reader_max_len: int = 256      # [CLS] x [SEP] z [SEP]
-    pooling: str = "cls"           # cls (the paper) | mean (how MiniLM was trained)
+    pooling: str = "cls"           # cls (the paper) | mean (how MiniLM was trained) | cls_l2 | mean_l2 (unit length)
+    proj_init: str = "random"      # the towers' projection to retrieval_dim: random | pca (from the corpus, before ICT)
+    proj_init_blocks: int = 2000   # pca: corpus blocks sampled to fit it
+    proj_init_scale: float = 20.0  # pca: inner products start as this times the cosine of the pooled vectors
 
 
 @dataclass
@@ -287,6 +290,7 @@ def check_config(cfg: Config) -> None:
         "pretrain.checkpoint_every": cfg.pretrain.checkpoint_every, "cluster.trainers": cfg.cluster.trainers,
         "cluster.embedding_workers": cfg.cluster.embedding_workers, "cluster.shards": cfg.cluster.shards,
         "cluster.embed_batch_size": cfg.cluster.embed_batch_size,
+        "model.proj_init_blocks": cfg.model.proj_init_blocks, "model.proj_init_scale": cfg.model.proj_init_scale,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -296,7 +300,8 @@ def check_config(cfg: Config) -> None:
     choices = {"masking.mode": (cfg.masking.mode, ("salient", "random")),
                "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
                "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
-               "model.pooling": (cfg.model.pooling, ("cls", "mean")),
+               "model.pooling": (cfg.model.pooling, ("cls", "mean", "cls_l2", "mean_l2")),
+               "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
                "task": (cfg.task, ("mlm", "openqa")),
                "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
                "device": (cfg.device, ("auto", "cpu", "cuda")),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from indexer.blocks import BlockStore, build_block_store
-from indexer.embed import embed_blocks
+from indexer.embed import embed_blocks, pad_batch
 from indexer.io import InputError, atomic_write_json
 from indexer.shards import ShardedIndex
 from indexer.synthetic import write_synthetic
@@ -33,7 +33,7 @@ from trainer.checkpoint import fresh_model, load_model, save_model
 from trainer.config import Config, to_dict
 from trainer.engine import TorchEngine, param_groups
 from trainer.metrics import MetricsLogger
-from trainer.model import REALM
+from trainer.model import REALM, pca_projection
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -130,6 +130,41 @@ def check_k(k: int, store: BlockStore, key: str) -> None:
         raise InputError(f"config key '{key}': k={k} is larger than the corpus ({len(store)} blocks)")
 
 
+# ---- the projection's initialization --------------------------------------------------------------
+
+
+@torch.no_grad()
+def pooled_sample(run: Run, tower, n: int, batch_size: int = 16) -> torch.Tensor:
+    """The tower's pooled (pre-projection) outputs for `n` blocks drawn at random: [n, hidden] float32."""
+    rng = np.random.default_rng(run.cfg.seed)
+    ids = rng.choice(len(run.store), size=min(n, len(run.store)), replace=False)
+    ids = ids[np.argsort([-len(run.store.tokens(int(b))) for b in ids], kind="stable")]  # less padding
+    was_training = tower.training
+    tower.eval()
+    out = []
+    for i in range(0, len(ids), batch_size):
+        tok, mask = pad_batch([run.store.tokens(int(b)) for b in ids[i:i + batch_size]], run.vocab.pad)
+        out.append(tower.pooled(tok.to(run.device), mask.to(run.device)).float().cpu())
+    tower.train(was_training)
+    return torch.cat(out)
+
+
+def init_projection(run: Run, model: REALM) -> None:
+    """`model.proj_init=pca`: both towers' projections from the corpus (pca_projection), so that the
+    retriever starts as the init's own embeddings compared by cosine instead of through a random map."""
+    m = run.cfg.model
+    if m.proj_init != "pca":
+        return
+    t0 = time.time()
+    pooled = pooled_sample(run, model.retriever.doc_tower, m.proj_init_blocks)
+    weight = pca_projection(pooled, m.retrieval_dim, m.proj_init_scale ** 0.5)
+    model.retriever.set_projection(weight.to(run.device))
+    x = F.normalize(pooled.double(), dim=-1)
+    kept = float((x @ weight.double().T).square().sum() / (m.proj_init_scale * len(x)))
+    print(f"projection: PCA of {len(pooled)} blocks keeps {kept:.1%} of the normalized vectors' energy in "
+          f"{m.retrieval_dim} dims ({time.time() - t0:.0f} s)", flush=True)
+
+
 # ---- ICT ---------------------------------------------------------------------------------------
 
 
@@ -139,6 +174,7 @@ def ict(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = fresh_model(cfg, run.vocab.size).to(run.device)
+    init_projection(run, model)
     retriever = model.retriever
     c = cfg.ict
     engine = TorchEngine(param_groups(list(retriever.named_parameters()), c.lr, c.lr * 20,
@@ -194,7 +230,9 @@ def initial_model(run: Run) -> tuple[REALM, dict]:
         return load_model(ict_dir)
     print("warning: no ICT checkpoint in the run directory; starting from model.init without a warm "
           "retriever (REALM may get no retrieval signal: run `launch.py ict` first)", file=sys.stderr)
-    return fresh_model(run.cfg, run.vocab.size), {"stage": run.cfg.model.init}
+    model = fresh_model(run.cfg, run.vocab.size).to(run.device)
+    init_projection(run, model)
+    return model, {"stage": run.cfg.model.init}
 
 
 # ---- evaluation --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     p(y|x) = Σ_{z ∈ top-k ∪ {∅}} p(y|z,x) p(z|x)
 
-* `Retriever`: query and doc BERTs, pooled [CLS] -> linear -> `retrieval_dim`; relevance is the
+* `Retriever`: query and doc BERTs, pooled ([CLS] or mean) -> linear -> `retrieval_dim`; relevance is the
   inner product. The index only *selects* candidates: their scores are recomputed here with the
   current encoders, so gradients reach both.
 * `KnowledgeAugmentedEncoder`: a BERT over `[CLS] x [SEP] z [SEP]` with an MLM head tied to the
@@ -47,24 +47,55 @@ def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int
     return bert
 
 
+POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")
+
+
 class Tower(nn.Module):
-    """One side of the retriever: BERT -> pooled ([CLS] or mean) -> linear -> `dim`."""
+    """One side of the retriever: BERT -> pooled ([CLS] or mean; `_l2`: then L2-normalized) -> linear -> `dim`.
+
+    With `_l2` pooling and a projection from `pca_projection`, inner products of the outputs are a scaled
+    cosine of the encoder's own embeddings (how MiniLM was trained to be compared), up to what the
+    projection drops.
+    """
 
     def __init__(self, encoder: BertModel, dim: int, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
         self.encoder = encoder
         self.proj = nn.Linear(encoder.config.hidden_size, dim)
         self.pooling = pooling
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[N, L] int64 ids and attention mask -> [N, dim] float."""
+    def pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] int64 ids and attention mask -> [N, hidden] float: the projection's input."""
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        if self.pooling == "mean":
+        if self.pooling.startswith("mean"):
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         else:
             pooled = hidden[:, 0]
-        return self.proj(pooled)
+        if self.pooling.endswith("_l2"):
+            pooled = F.normalize(pooled, dim=-1)
+        return pooled
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, L] int64 ids and attention mask -> [N, dim] float."""
+        return self.proj(self.pooled(ids, mask))
+
+
+def pca_projection(pooled: torch.Tensor, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """A [dim, H] projection that keeps the inner products of unit vectors: the top-`dim` right singular
+    vectors of the (uncentered) matrix of the L2-normalized rows of `pooled` [N, H], times `scale`.
+
+    W^T W is then scale² times the orthogonal projector onto those directions, so for unit x, y
+    (Wx)·(Wy) = scale² (x·y - the part of x·y outside them): exact for vectors in their span, and what
+    is lost is the energy of the sample past the first `dim` singular values. Rows past H are zero.
+    """
+    x = F.normalize(pooled.detach().double(), dim=-1)
+    _, _, vh = torch.linalg.svd(x, full_matrices=True)  # [H, H], largest singular value first
+    w = torch.zeros(dim, x.shape[1], dtype=torch.float64)
+    w[:min(dim, len(vh))] = vh[:dim]
+    return (w * scale).float()
 
 
 class Retriever(nn.Module):
@@ -73,6 +104,13 @@ class Retriever(nn.Module):
         self.query_tower = Tower(query_encoder, dim, pooling)
         self.doc_tower = Tower(doc_encoder, dim, pooling)
         self.doc_tower.proj.load_state_dict(self.query_tower.proj.state_dict())  # start symmetric
+
+    @torch.no_grad()
+    def set_projection(self, weight: torch.Tensor) -> None:
+        """Both towers' projections := weight [dim, H], bias 0 (e.g. from `pca_projection`)."""
+        for tower in (self.query_tower, self.doc_tower):
+            tower.proj.weight.copy_(weight)
+            tower.proj.bias.zero_()
 
     def embed_queries(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L] int64 -> [B, dim] float."""
