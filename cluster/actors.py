@@ -271,7 +271,7 @@ class TrainerWorker:
             s.bind((host, 0))
             return host, s.getsockname()[1]
 
-    def train(self, master: tuple[str, int], service) -> dict:
+    def train(self, master: tuple[str, int, str | None], service) -> dict:
         import torch
 
         from trainer.engine import DeepSpeedEngine, init_distributed
@@ -284,7 +284,7 @@ class TrainerWorker:
         check_k(cfg.retrieval.k, run.store, "retrieval.k")
         on_gpu = run.device.type == "cuda"
         backend = cc.dist_backend if cc.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
-        init_distributed(self.rank, self.world, master[0], master[1], backend)
+        init_distributed(self.rank, self.world, *master[:2], backend, store_file=master[2])
         torch.manual_seed(cfg.seed)
         model, meta = initial_model(run)
         model.to(run.device).train()

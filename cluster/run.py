@@ -8,11 +8,13 @@ rendezvous); embedding workers and shard servers are ordinary actors that Ray re
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -59,6 +61,18 @@ def connect(cfg: Config) -> bool:
              include_dashboard=cc.dashboard, dashboard_host=cc.host, _node_ip_address=cc.host,
              log_to_driver=True, configure_logging=False)
     return True
+
+
+def rendezvous(cfg: Config, endpoint: tuple[str, int]) -> tuple[str, int, str | None]:
+    """Where the trainers meet for torch.distributed: (rank 0's address, port, store file).
+
+    On a loopback-only cluster (the local one) the ranks share the run directory's filesystem, so
+    they meet through a file store: torch's TCPStore would listen on every interface whatever
+    address it is given. Across machines, rank 0's TCP address and port."""
+    host, port = endpoint
+    if ipaddress.ip_address(host).is_loopback:
+        return host, port, str(Path(cfg.run_dir).resolve() / f".rendezvous-{uuid.uuid4().hex}")
+    return host, port, None
 
 
 def actor_name(role: str, cfg: Config) -> str:
@@ -123,12 +137,12 @@ def pretrain_on_ray(cfg: Config) -> dict:
     release_names(cfg)
     t0 = time.time()
     shards, service, workers, coordinator = start_index_actors(cfg)
-    pg, trainers = None, []
+    pg, trainers, master = None, [], None
     try:
         ray.get(coordinator.start.remote())
         refresher = coordinator.run.remote()
         trainers, pg = start_trainers(cfg)
-        master = ray.get(trainers[0].endpoint.remote())
+        master = rendezvous(cfg, ray.get(trainers[0].endpoint.remote()))
         summaries = ray.get([t.train.remote(master, service) for t in trainers])
         history = ray.get(coordinator.stop.remote())
         ray.get(refresher)
@@ -138,6 +152,8 @@ def pretrain_on_ray(cfg: Config) -> dict:
             ray.kill(actor)
         if pg is not None:
             remove_placement_group(pg)
+        if master and master[2]:
+            Path(master[2]).unlink(missing_ok=True)
         if started:
             ray.shutdown()
     summary = {**summaries[0], "refreshes": len(history), "refresh_history": history, "shard_recoveries": recoveries,

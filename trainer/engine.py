@@ -78,13 +78,16 @@ class TorchEngine:
         return state["client"]
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> None:
-    """torch.distributed through DeepSpeed, from explicit coordinates (no launcher, no MPI probing)."""
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
+                     store_file: str | None = None) -> None:
+    """torch.distributed through DeepSpeed, from explicit coordinates (no launcher, no MPI probing).
+    `store_file`: meet through a file store instead of a TCP store at master_addr:master_port."""
     import deepspeed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
+                               init_method=f"file://{store_file}" if store_file else None)
 
 
 class DeepSpeedEngine:
