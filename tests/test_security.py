@@ -1,8 +1,8 @@
 """What the project listens on: Ray's dashboard and the trainers' rendezvous stay on 127.0.0.1.
 
 Ray 2.60's own gRPC servers (GCS, raylet, core workers, agents) listen on every interface whatever
-address Ray is given; token authentication (on by default, kept on) guards them. docs/SECURITY.md
-lists them. These tests check what is ours to choose.
+address Ray is given; token authentication (on by default, kept on) guards them. The README
+("Faults, integrity, security") lists them. These tests check what is ours to choose.
 """
 import json
 import os
