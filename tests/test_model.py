@@ -106,3 +106,20 @@ def test_gradients_reach_query_encoder_doc_encoder_reader_and_null_score(small_r
         assert all(g is not None for g in grads), name
         assert sum(float(g.abs().sum()) for g in grads) > 0, name
     assert model.null_score.grad is not None and model.null_score.grad.abs().item() > 0
+
+
+def test_marginal_token_log_probs_and_span_accuracy_against_brute_force():
+    from trainer.model import marginal_token_log_probs, spans_correct
+    g = torch.Generator().manual_seed(0)
+    scores, token_lp = torch.randn(2, 3, generator=g), torch.randn(2, 3, 2, 5, generator=g).log_softmax(-1)
+    got = marginal_token_log_probs(scores, token_lp)
+    p_z = scores.softmax(-1)
+    for b in range(2):
+        for m in range(2):
+            want = sum(p_z[b, z] * token_lp[b, z, m].exp() for z in range(3)).log()
+            assert torch.allclose(got[b, m], want, atol=1e-5)
+    targets = got.argmax(-1)
+    targets[1, 1] = (targets[1, 1] + 1) % 5                  # example 1 misses its second position...
+    assert spans_correct(got, targets, torch.ones(2, 2)).tolist() == [True, False]
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])            # ...which is padding here: then right
+    assert spans_correct(got, targets, mask).tolist() == [True, True]

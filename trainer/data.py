@@ -249,3 +249,8 @@ def ict_batch(store: BlockStore, tok, vocab: Vocab, batch_size: int, rng: np.ran
     if len(queries) < 2:
         raise InputError(f"{store.dir}: too few blocks with two or more sentences for the Inverse Cloze Task")
     return (*pad_batch(queries, vocab.pad), *pad_batch(contexts, vocab.pad))
+
+
+def gold_hits(queries: list[MaskedQuery], cand: np.ndarray) -> list[bool]:
+    """For each query that knows its gold blocks: is one of them among its candidates (cand [B, k])?"""
+    return [bool(set(row.tolist()) & set(q.gold_blocks)) for q, row in zip(queries, cand) if q.gold_blocks]

@@ -33,7 +33,7 @@ from trainer.checkpoint import fresh_model, load_model, save_model
 from trainer.config import Config, to_dict
 from trainer.engine import TorchEngine, param_groups
 from trainer.metrics import MetricsLogger
-from trainer.model import REALM, pca_projection
+from trainer.model import REALM, marginal_token_log_probs, pca_projection, spans_correct
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -271,16 +271,12 @@ def evaluate(cfg: Config) -> dict:
         qs = queries[i:i + cfg.eval.batch_size]
         _, cand = retrieve(model, index, run, qs, k)
         batch = D.collate_realm(qs, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
-        log_p_z = model.relevance(batch).log_softmax(-1)                     # [B, Z]
         token_lp = model.token_log_probs(batch)                              # [B, Z, M, V]
-        marginal = torch.logsumexp(log_p_z[:, :, None, None] + token_lp, 1)  # [B, M, V]
-        on = batch.target_mask.bool()
-        correct += int(((marginal.argmax(-1) == batch.targets) | ~on).all(-1).sum())
-        correct_null += int(((token_lp[:, 0].argmax(-1) == batch.targets) | ~on).all(-1).sum())
-        for q, row in zip(qs, cand):
-            if q.gold_blocks:
-                recall_n += 1
-                recall_hits += bool(set(row.tolist()) & set(q.gold_blocks))
+        marginal = marginal_token_log_probs(model.relevance(batch), token_lp)
+        correct += int(spans_correct(marginal, batch.targets, batch.target_mask).sum())
+        correct_null += int(spans_correct(token_lp[:, 0], batch.targets, batch.target_mask).sum())
+        hits = D.gold_hits(qs, cand)
+        recall_n, recall_hits = recall_n + len(hits), recall_hits + sum(hits)
     n = len(queries)
     metrics = {"mlm_accuracy": correct / n, "mlm_accuracy_no_retrieval": correct_null / n,
                "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None,

@@ -170,6 +170,18 @@ def marginal_log_likelihood(retrieval_scores: torch.Tensor, span_log_probs: torc
     return torch.logsumexp(log_p_z + span_log_probs.float(), dim=-1)
 
 
+def marginal_token_log_probs(retrieval_scores: torch.Tensor, token_log_probs: torch.Tensor) -> torch.Tensor:
+    """log p(word | x) at each masked position, marginalized over the candidates:
+    scores [B, Z] (unnormalized log p(z|x)), token log-probs [B, Z, M, V] -> [B, M, V] float32."""
+    log_p_z = retrieval_scores.float().log_softmax(-1)
+    return torch.logsumexp(log_p_z[:, :, None, None] + token_log_probs.float(), 1)
+
+
+def spans_correct(token_log_probs: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """[B] bool: every masked position's most likely word is its target ([B, M, V], [B, M], [B, M])."""
+    return ((token_log_probs.argmax(-1) == targets) | ~target_mask.bool()).all(-1)
+
+
 @dataclass
 class RealmBatch:
     """Tensors for one pre-training step (B examples, K retrieved candidates + the null doc).

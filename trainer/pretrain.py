@@ -30,6 +30,7 @@ from trainer.config import Config
 from trainer.engine import param_groups
 from trainer.loop import Run, check_k, initial_model, refresh_index, retrieve, sample_queries, stored_index
 from trainer.metrics import MetricsLogger
+from trainer.model import marginal_token_log_probs, spans_correct
 
 
 class StopTheWorldIndex:
@@ -87,20 +88,17 @@ def build_optimizer_groups(model, cfg: Config) -> list[dict]:
 def batch_metrics(out: dict, batch: D.RealmBatch) -> dict:
     """MLM accuracy (every masked token right under the marginal over z), p(z|x) entropy, p(null)."""
     with torch.no_grad():
+        marginal = marginal_token_log_probs(out["scores"], out["token_log_probs"])
+        acc = float(spans_correct(marginal, batch.targets, batch.target_mask).float().mean())
         log_p_z = out["scores"].float().log_softmax(-1)
-        marginal = torch.logsumexp(log_p_z[:, :, None, None] + out["token_log_probs"].float(), 1)
-        on = batch.target_mask.bool()
-        acc = float(((marginal.argmax(-1) == batch.targets) | ~on).all(-1).float().mean())
         p_z = log_p_z.exp()
         entropy = float(-(p_z * log_p_z.clamp_min(-1e4)).sum(-1).mean())
     return {"mlm_accuracy": acc, "retrieval_entropy": entropy, "p_null": float(p_z[:, 0].mean())}
 
 
 def gold_in_topk(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | None:
-    has_gold = [i for i, q in enumerate(queries) if q.gold_blocks]
-    if not has_gold:
-        return None
-    return float(np.mean([bool(set(cand[i].tolist()) & set(queries[i].gold_blocks)) for i in has_gold]))
+    hits = D.gold_hits(queries, cand)
+    return float(np.mean(hits)) if hits else None
 
 
 def restore(engine, cfg: Config, run: Run) -> dict | None:
