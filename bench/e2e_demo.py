@@ -19,11 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, add_common_args, apply_common_args, print_table, write_results  # noqa: E402
+from trainer.config import SMOKE_RUN  # noqa: E402
 
-SMOKE = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
-         "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96",
-         "data.synthetic_entities=40", "ict.steps=2", "ict.batch_size=8", "retrieval.k=3", "eval.k=3",
-         "pretrain.batch_size=4", "pretrain.steps=8", "refresh.every_steps=2", "finetune.steps=4",
+SMOKE = [*SMOKE_RUN, "pretrain.batch_size=4", "pretrain.steps=8", "refresh.every_steps=2", "finetune.steps=4",
          "finetune.batch_size=4", "data.max_eval_examples=20", "cluster.backend=local"]  # Ray: tests/test_cluster.py
 STAGES = [("prepare", []), ("ict", []), ("pretrain", []), ("evaluate", ["eval.model=realm"]),
           ("finetune", []), ("evaluate", ["task=openqa"])]

@@ -12,9 +12,8 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 DASH_PORT=${DASH_PORT:-$(free_port)}
 GCS_PORT=${GCS_PORT:-$(free_port)}
 export PATH="$PWD/.venv/bin:$PATH" RAY_AUTH_MODE=token HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-SMALL=(model.init=random model.hidden_size=32 model.num_heads=2 model.intermediate_size=64
-       model.retriever_layers=1 model.reader_layers=1 model.query_max_len=32 model.reader_max_len=96
-       data.synthetic_entities=40 ict.steps=2 ict.batch_size=8 retrieval.k=3 eval.k=3 threads=1)
+# shellcheck disable=SC2207  # one override per line, none with spaces
+SMALL=($(python -c 'from trainer.config import SMOKE_RUN; print("\n".join(SMOKE_RUN))') threads=1)
 python launch.py prepare run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 python launch.py ict run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.config import SMOKE_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,9 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # A small random BERT: unit tests exercise the real code paths in seconds.
-TINY_MODEL = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
-              "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32",
-              "model.reader_max_len=96", "threads=2"]
+TINY_MODEL = [*SMOKE_MODEL, "threads=2"]
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -177,6 +177,16 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+# The smallest model every code path runs with (a random 1-layer, 32-wide BERT): the tests, the
+# benchmarks' --smoke and scripts/check_job_submit.sh all take it from here.
+SMOKE_MODEL = ["model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+               "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32",
+               "model.reader_max_len=96"]
+# ... and the smallest synthetic run around it.
+SMOKE_RUN = [*SMOKE_MODEL, "data.synthetic_entities=40", "ict.steps=2", "ict.batch_size=8", "retrieval.k=3",
+             "eval.k=3"]
+
+
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     for name, typ in get_type_hints(cls).items():
