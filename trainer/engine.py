@@ -86,6 +86,11 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    if backend == "gloo":
+        # DeepSpeed would JIT-compile its shared-memory CPU all-reduce (a C++ build of a minute in the
+        # torch-extensions dir, and a lock there if the build is killed); gloo's all-reduce serves.
+        import deepspeed.ops
+        getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
                                init_method=f"file://{store_file}" if store_file else None)
 
