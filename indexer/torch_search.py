@@ -6,14 +6,15 @@ fp32), not in the matmul. So the search runs in two stages, and only the first t
   1. group maxima: the rows are cut into groups of G consecutive rows; for each query only the best
      score of each group is kept ([B, N/G]). On CUDA one Triton kernel does the matmul and the max
      in registers, so the scores never reach memory; elsewhere torch does it in row chunks.
-  2. the `groups` best groups per query (at least k) are re-scored exactly, row by row, in fp32
-     from the stored fp32 vectors, and their top k is the answer.
+  2. the best `groups_per_k * k` groups per query are re-scored exactly, row by row, in fp32 from
+     the stored fp32 vectors, and their top k is the answer.
 
 Stage 2 is exact when stage 1 is: if a row r is among the true top k, fewer than k groups can have
 a maximum above score(r), so r's group is among the best k groups. Stage 1 reads a half-precision
 copy on CUDA (half the bytes, tensor cores); its rounding (~1e-3 relative) can only matter to a row
-within that much of the k-th best, and `groups` > k leaves room for it (bench/topk.py checks recall
-against an fp32 brute force). On CPU stage 1 is fp32, and exact.
+within that much of the k-th best, and taking 2k groups rather than k leaves room for it (bench/topk.py
+checks recall against an fp32 brute force). On CPU stage 1 is fp32, and exact. On CUDA a shard holds
+its rows twice (fp32 + fp16): 1.5x the bytes of the fp32 embeddings.
 
 Shapes: queries [B, dim] float32 -> scores [B, k] float32, ids [B, k] int64 (offset added), best
 first, padded with -inf / -1 when the shard has fewer than k rows; the FlatShard interface.
