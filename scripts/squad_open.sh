@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SQuAD-open end to end: prepare -> ICT -> fine-tuning from ICT alone -> REALM pre-training -> fine-tuning
 # from REALM -> the retrieval comparison (BM25, MiniLM off the shelf, our models) into docs/RESULTS.md.
-# About 40 minutes on 2 CPU cores.
+# Budget: 60 minutes on 2 quiet CPU cores; each stage prints its wall time.
 #
 #   bash scripts/squad_open.sh [dotted.key=value ...]      overrides apply to every step
 #   CONFIG=configs/squad_open_gpu.yaml PYTHON=python3 bash scripts/squad_open.sh
