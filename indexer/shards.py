@@ -14,20 +14,35 @@ def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
+# On CPU, faiss's flat search keeps a k-heap per query that costs ~20 ns per score once batches reach
+# 16 queries over 50k+ rows (2 cores: 11.3 s for 512 x 1e6, numpy brute force 3.9 s); there the
+# two-stage search of indexer.torch_search over faiss's own copy of the rows takes 2.1 s.
+TORCH_MIN_BATCH, TORCH_MIN_ROWS = 16, 50_000
+
+
 class FlatShard:
-    """Rows [offset, offset + n) of one index version in a faiss IndexFlatIP (GPU when present)."""
+    """Rows [offset, offset + n) of one index version in a faiss IndexFlatIP (GPU when present); on CPU,
+    large batches over large shards go to the torch two-stage search over the same memory."""
 
     def __init__(self, embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.offset, self.rows, self.dim = offset, emb.shape[0], emb.shape[1]
         index = faiss.IndexFlatIP(self.dim)
-        if (gpu_available() if use_gpu is None else use_gpu):
+        on_gpu = gpu_available() if use_gpu is None else use_gpu
+        if on_gpu:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         index.add(emb)
         self.index = index
+        self.batch_search = None
+        if not on_gpu and self.rows >= TORCH_MIN_ROWS:
+            from indexer.torch_search import TorchFlatShard
+            rows = faiss.rev_swig_ptr(index.get_xb(), self.rows * self.dim).reshape(self.rows, self.dim)
+            self.batch_search = TorchFlatShard(rows, offset)  # a view of faiss's storage, no copy
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.batch_search is not None and len(q) >= TORCH_MIN_BATCH:
+            return self.batch_search.search(q, k)
         kk = min(k, self.rows)
         if kk == 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))

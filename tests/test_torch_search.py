@@ -62,3 +62,23 @@ def test_triton_group_max_matches_torch_on_gpu():
         ref = group_max_torch(q, emb, 32)
         for cfg in TRITON_CONFIGS:
             assert torch.allclose(group_max_triton(q, emb, 32, cfg), ref, atol=1e-2, rtol=1e-3), (B, cfg)
+
+
+def test_cpu_flat_shard_large_batches_take_the_two_stage_path_and_agree_with_faiss():
+    from indexer.shards import TORCH_MIN_BATCH, TORCH_MIN_ROWS
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((TORCH_MIN_ROWS + 17, 16), dtype=np.float32)
+    q = rng.standard_normal((TORCH_MIN_BATCH, 16), dtype=np.float32)
+    shard = FlatShard(emb, offset=5, use_gpu=False)
+    assert shard.batch_search is not None
+    assert np.shares_memory(shard.batch_search.emb.numpy(), faiss_rows(shard))  # no second copy
+    s, i = shard.search(q, 8)
+    ref = brute_topk(emb, q, 8)
+    assert (np.sort(i - 5, 1) == np.sort(ref, 1)).all()
+    s1, i1 = shard.search(q[:1], 8)  # a small batch stays on faiss: same answer
+    assert (i1[0] == i[0]).all() and np.allclose(s1[0], s[0], atol=1e-4)
+
+
+def faiss_rows(shard) -> np.ndarray:
+    import faiss
+    return faiss.rev_swig_ptr(shard.index.get_xb(), shard.rows * shard.dim)
