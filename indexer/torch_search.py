@@ -6,7 +6,7 @@ fp32), not in the matmul. So the search runs in two stages, and only the first t
   1. group maxima: the rows are cut into groups of G consecutive rows; for each query only the best
      score of each group is kept ([B, N/G]). On CUDA one Triton kernel does the matmul and the max
      in registers, so the scores never reach memory; elsewhere torch does it in row chunks.
-  2. the best `groups_per_k * k` groups per query are re-scored exactly, row by row, in fp32 from
+  2. the best `groups_per_k * k` groups per query (2k on CUDA, k on CPU) are re-scored exactly, row by row, in fp32 from
      the stored fp32 vectors, and their top k is the answer.
 
 Stage 2 is exact when stage 1 is: if a row r is among the true top k, fewer than k groups can have
@@ -99,12 +99,15 @@ class TorchFlatShard:
     """Rows [offset, offset + n) of one index version on a torch device, searched exactly in two stages."""
 
     def __init__(self, embeddings: np.ndarray, offset: int = 0, device: str | torch.device = "cpu",
-                 group: int = 32, groups_per_k: int = 2, use_triton: bool | None = None,
+                 group: int = 32, groups_per_k: int | None = None, use_triton: bool | None = None,
                  triton_config: tuple | None = None):
         emb = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
         self.device = torch.device(device)
         self.offset, self.rows, self.dim = offset, emb.shape[0], emb.shape[1]
-        self.group, self.groups_per_k = group, groups_per_k
+        # fp32 group maxima (CPU) are exact, so the best k groups hold the top k; half-precision ones
+        # (CUDA) get twice as many, room for their rounding.
+        self.group = group
+        self.groups_per_k = groups_per_k or (2 if self.device.type == "cuda" else 1)
         self.emb = emb.to(self.device)  # fp32: the exact re-scoring in stage 2
         self.use_triton = triton_usable(self.device, self.dim) if use_triton is None else use_triton
         self.triton_config = triton_config
