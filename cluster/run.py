@@ -35,11 +35,6 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
 def actor_env(cfg: Config, gpus: float) -> dict:
     """Environment for an actor's process: offline hub, and DeepSpeed's CPU accelerator off-GPU."""
     env = dict(OFFLINE_ENV)
-    # DeepSpeed JIT-builds its CPU comm op into the torch-extensions cache; one cache per
-    # environment, so that two checkouts do not rebuild each other's op (and a build killed
-    # half-way cannot leave a lock that blocks the other checkout's runs).
-    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                 os.path.join(sys.prefix, "torch_extensions"))
     if gpus == 0 or cfg.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""

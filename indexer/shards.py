@@ -61,15 +61,14 @@ def make_shard(embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = N
     `use_gpu`: None = when one is present, False = CPU faiss, True = a GPU or an error."""
     import torch
 
-    if use_gpu is False or (use_gpu is None and not (gpu_available() or torch.cuda.is_available())):
-        return FlatShard(embeddings, offset, use_gpu=False)
-    if gpu_available():
+    if use_gpu is not False and gpu_available():
         return FlatShard(embeddings, offset, use_gpu=True)
-    if not torch.cuda.is_available():
+    if use_gpu is not False and torch.cuda.is_available():
+        from indexer.torch_search import TorchFlatShard
+        return TorchFlatShard(embeddings, offset, device="cuda")
+    if use_gpu:
         raise RuntimeError("a GPU shard was asked for, but neither faiss nor torch sees a GPU")
-    from indexer.torch_search import TorchFlatShard
-
-    return TorchFlatShard(embeddings, offset, device="cuda")
+    return FlatShard(embeddings, offset, use_gpu=False)
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

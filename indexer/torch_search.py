@@ -128,7 +128,7 @@ class TorchFlatShard:
         """q [B, dim] float32 on self.device -> (scores, local row ids) [B, min(k, rows)], best first."""
         kk = min(k, self.rows)
         gmax = self.group_max(q)
-        n_sel = min(gmax.shape[1], max(kk * self.groups_per_k, kk))
+        n_sel = min(gmax.shape[1], kk * self.groups_per_k)
         best_groups = gmax.topk(n_sel, dim=1).indices  # [B, n_sel]
         cand = (best_groups[:, :, None] * self.group + torch.arange(self.group, device=q.device)).flatten(1)
         valid = cand < self.rows
@@ -146,7 +146,7 @@ class TorchFlatShard:
         if self.rows == 0 or k == 0:
             return out_s, out_i
         # Bound the candidate gather ([B, groups*G, dim] fp32) to ~256 MB per call.
-        per_call = max(1, (1 << 26) // (max(k * self.groups_per_k, k) * self.group * self.dim))
+        per_call = max(1, (1 << 26) // (k * self.groups_per_k * self.group * self.dim))
         for i in range(0, B, per_call):
             s, ids = self.search_tensor(q[i:i + per_call], k)
             out_s[i:i + per_call, :s.shape[1]] = s.float().cpu().numpy()
