@@ -53,8 +53,9 @@ def main(argv=None) -> list[dict]:
     from trainer.config import load_config
 
     steps, every = (6, 2) if a.smoke else (a.steps, a.every)
-    overrides = [*(SMOKE if a.smoke else []), *a.overrides, f"pretrain.steps={steps}",
-                 f"refresh.every_steps={every}", f"pretrain.checkpoint_every={10 ** 9}",
+    # The retriever trains from the first step: refreshes are skipped while it is frozen.
+    overrides = ["pretrain.freeze_retriever_steps=0", *(SMOKE if a.smoke else []), *a.overrides,
+                 f"pretrain.steps={steps}", f"refresh.every_steps={every}", f"pretrain.checkpoint_every={10 ** 9}",
                  "cluster.backend=ray", f"pretrain.log_every={max(1, steps // 10)}"]
     if a.threads:
         overrides.append(f"threads={a.threads}")

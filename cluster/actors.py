@@ -199,6 +199,7 @@ class ServiceIndex:
         self.service, self.run, self.run_id, self.rank = service, run, run_id, rank
         self.every, self.total, self.mode = cfg.refresh.every_steps, cfg.pretrain.steps, cfg.refresh.mode
         self.max_staleness, self.wait_timeout_s = cfg.refresh.max_staleness, cfg.refresh.wait_timeout_s
+        self.frozen_steps = cfg.pretrain.freeze_retriever_steps
         self.version, self.checkpoint_step, self.stats = -1, -1, {}
         # Start from the served index if this model's doc encoder (or, async, an earlier one of this
         # run within the staleness bound) built it; else publish and wait. Sync insists on the exact
@@ -207,7 +208,7 @@ class ServiceIndex:
         own_ids = {f"{run_id}-{start_step}"} | ({initial_id} if start_step == 0 and initial_id else set())
         served = status["doc_encoder_id"] if status else None
         ours = served in own_ids or (self.mode == "async" and served is not None and served.startswith(run_id))
-        if not ours or start_step - status["checkpoint_step"] > self.max_staleness:
+        if not ours or self.staleness(start_step, status["checkpoint_step"]) > self.max_staleness:
             if rank == 0:
                 self.publish(model, start_step)
             self._wait_for(start_step)
@@ -241,13 +242,20 @@ class ServiceIndex:
         scores, ids, self.version, self.checkpoint_step = ray.get(self.service.search.remote(queries, k, exclude))
         return scores, ids
 
+    def staleness(self, step: int, index_step: int) -> int:
+        from trainer.pretrain import index_staleness
+
+        return index_staleness(step, index_step, self.frozen_steps)
+
     def before_step(self, step: int) -> float:
-        if step - self.checkpoint_step <= self.max_staleness:
+        if self.staleness(step, self.checkpoint_step) <= self.max_staleness:
             return 0.0
         return self._wait_for(step - self.max_staleness)
 
     def after_step(self, model, step: int) -> float:
-        if step % self.every or step >= self.total:
+        from trainer.pretrain import refresh_due
+
+        if not refresh_due(step, self.every, self.total, self.frozen_steps):
             return 0.0
         t0 = time.perf_counter()
         if self.rank == 0:

@@ -38,7 +38,7 @@ def tiny_cfg(tmp_path, tiny_corpus):
         base = [f"run_dir={tmp_path / 'run'}", f"data.corpus={tiny_corpus['corpus']}",
                 f"data.pretrain={tiny_corpus['pretrain']}", f"data.eval={tiny_corpus['eval']}",
                 "retrieval.k=3", "eval.k=3", "ict.batch_size=8", "pretrain.batch_size=4",
-                "cluster.backend=local"] + TINY_MODEL
+                "cluster.backend=local", "pretrain.freeze_retriever_steps=0"] + TINY_MODEL
         return load_config(ROOT / "configs" / "tiny.yaml", base + list(overrides))
 
     return make

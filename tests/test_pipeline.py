@@ -39,6 +39,20 @@ def test_commands_chain_through_the_run_directory(tiny_cfg):
     assert loop.evaluate(cfg)["index_version"] == 3
 
 
+def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
+    # Frozen for 3 steps, the doc tower is still ICT's: the refresh due at step 2 would re-embed the corpus
+    # with the same weights, so it is skipped and the ICT index counts as fresh until step 3.
+    cfg = tiny_cfg("ict.steps=2", "pretrain.steps=6", "refresh.every_steps=2", "pretrain.log_every=1",
+                   "pretrain.freeze_retriever_steps=3")
+    loop.prepare(cfg)
+    loop.ict(cfg)
+    pretrain(cfg)
+    steps = [e for e in map(json.loads, open(f"{cfg.run_dir}/events.jsonl")) if e["job"] == "pretrain"]
+    assert [e["index_version"] for e in steps] == [1, 1, 1, 1, 2, 2]
+    assert [e["staleness"] for e in steps] == [0, 0, 0, 1, 1, 2]
+    assert IndexVersions(f"{cfg.run_dir}/index").current().checkpoint_step == 4
+
+
 def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path):
     from trainer.model import build_realm
 

@@ -96,9 +96,9 @@ class PretrainConfig:
 
 @dataclass
 class RefreshConfig:
-    every_steps: int = 100         # publish the doc encoder; the corpus is re-embedded from it
+    every_steps: int = 100         # publish the doc encoder; the corpus is re-embedded from it (not while frozen)
     mode: str = "async"            # async: train on while workers re-embed | sync: wait for the new index
-    max_staleness: int = 300       # async: trainers wait only when the index is more steps behind than this
+    max_staleness: int = 300       # async: trainers wait only when the index is more doc-tower updates behind
     wait_timeout_s: float = 3600   # a trainer waiting this long for the index fails with an error
     keep_versions: int = 2
 
@@ -184,7 +184,7 @@ SMOKE_MODEL = ["model.init=random", "model.hidden_size=32", "model.num_heads=2",
                "model.reader_max_len=96"]
 # ... and the smallest synthetic run around it.
 SMOKE_RUN = [*SMOKE_MODEL, "data.synthetic_entities=40", "ict.steps=2", "ict.batch_size=8", "retrieval.k=3",
-             "eval.k=3"]
+             "eval.k=3", "pretrain.freeze_retriever_steps=0"]
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -33,6 +33,19 @@ from trainer.metrics import MetricsLogger
 from trainer.model import marginal_token_log_probs, spans_correct
 
 
+def index_staleness(step: int, index_step: int, frozen_steps: int) -> int:
+    """Doc-encoder updates, at `step`, that an index built at `index_step` has not seen. The retriever
+    does not move in its first `frozen_steps` steps, so an index built at any step up to then is as
+    fresh as one built at `frozen_steps`: no refresh is needed (or waited for) before the tower moves."""
+    return max(0, step - max(index_step, min(frozen_steps, step)))
+
+
+def refresh_due(step: int, every: int, total: int, frozen_steps: int) -> bool:
+    """Publish at every `every` steps, except at the end (the run's final model is published by the next
+    stage) and while the retriever is frozen (the doc tower is still the one the index was built from)."""
+    return step % every == 0 and frozen_steps < step < total
+
+
 class StopTheWorldIndex:
     """The single-process index: every `every_steps` the trainer stops and re-embeds the corpus.
 
@@ -43,6 +56,7 @@ class StopTheWorldIndex:
     def __init__(self, run: Run, model, every_steps: int, total_steps: int, run_id: str, start_step: int,
                  initial_id: str = ""):
         self.run, self.every, self.total, self.run_id = run, every_steps, total_steps, run_id
+        self.frozen_steps = run.cfg.pretrain.freeze_retriever_steps
         self.stats = {}
         self.index = stored_index(run, f"{run_id}-{start_step}", initial_id if start_step == 0 else "")
         if self.index is None:
@@ -70,7 +84,7 @@ class StopTheWorldIndex:
         return 0.0
 
     def after_step(self, model, step: int) -> float:
-        if step % self.every or step >= self.total:
+        if not refresh_due(step, self.every, self.total, self.frozen_steps):
             return 0.0
         return self._refresh(model, step)
 
@@ -140,7 +154,7 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
         totals["staleness_wait"] += index.before_step(step)
         queries = sample_queries(train, run, micro_batch, rng)
         _, cand = retrieve(model, index, run, queries, k)
-        staleness = step - index.checkpoint_step
+        staleness = index_staleness(step, index.checkpoint_step, c.freeze_retriever_steps)
         totals["max_staleness"] = max(totals["max_staleness"], staleness)
         batch = D.collate_realm(queries, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
         out = engine(batch, train_retriever=step > c.freeze_retriever_steps)
