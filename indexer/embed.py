@@ -25,36 +25,41 @@ def pad_batch(seqs: list[np.ndarray], pad_id: int = 0, max_len: int | None = Non
 
 
 @torch.inference_mode()
+def encode_blocks(encode, store: BlockStore, ids: np.ndarray, batch_size: int = 64,
+                  device: str | torch.device = "cpu", pad_id: int = 0, progress: bool = False) -> np.ndarray | None:
+    """`encode(ids [N, L], mask [N, L]) -> [N, d]` over the blocks `ids` -> [len(ids), d] float32 in the
+    order of `ids` (None when `ids` is empty). Blocks are batched by length (less padding)."""
+    lengths = np.array([len(store.tokens(int(b))) for b in ids])
+    order = np.argsort(-lengths, kind="stable")
+    out = None
+    bar = tqdm(total=len(ids), desc="embed", unit="block", disable=not progress, mininterval=2)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        tok, mask = pad_batch([store.tokens(int(b)) for b in ids[rows]], pad_id)
+        emb = encode(tok.to(device), mask.to(device)).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
+        out[rows] = emb
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
 def embed_blocks(doc_tower: torch.nn.Module, store: BlockStore, start: int = 0, end: int | None = None,
                  batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True,
                  pad_id: int = 0) -> np.ndarray:
-    """Embeddings of blocks [start, end) -> [end - start, dim] float32.
+    """Embeddings of blocks [start, end) -> [end - start, dim] float32, in block-id order.
 
-    Blocks are batched by length (less padding), then put back in block-id order. On CUDA a bf16
-    copy of the tower encodes (1.2x bf16 autocast, 8.4x fp32 at batch 512 on an H100: bench/RESULTS.md);
-    the output is float32 either way.
+    On CUDA a bf16 copy of the tower encodes (1.2x bf16 autocast, 8.4x fp32 at batch 512 on an H100:
+    bench/RESULTS.md); the output is float32 either way.
     """
     end = len(store) if end is None else end
-    ids = np.arange(start, end)
-    lengths = np.array([len(store.tokens(i)) for i in ids])
-    order = ids[np.argsort(-lengths, kind="stable")]
     device = torch.device(device)
     was_training = doc_tower.training
     doc_tower.eval()
     tower = copy.deepcopy(doc_tower).to(torch.bfloat16) if device.type == "cuda" else doc_tower
-    out = None
-    bar = tqdm(total=len(ids), desc="embed", unit="block", disable=not progress, mininterval=2)
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        tok, mask = pad_batch([store.tokens(b) for b in chunk], pad_id)
-        emb = tower(tok.to(device), mask.to(device)).float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
-        out[chunk - start] = emb
-        bar.update(len(chunk))
-    bar.close()
+    out = encode_blocks(tower, store, np.arange(start, end), batch_size, device, pad_id, progress)
     doc_tower.train(was_training)
     if out is None:
-        dim = doc_tower.proj.out_features
-        out = np.empty((0, dim), dtype=np.float32)
+        out = np.empty((0, doc_tower.proj.out_features), dtype=np.float32)
     return out

@@ -79,3 +79,22 @@ def test_oversized_document_is_refused(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [{"id": "big", "title": "", "text": "word " * 5000}])
     with pytest.raises(InputError, match="c.jsonl:1: document 'big' is 25000 bytes"):
         build_block_store(str(tmp_path / "c.jsonl"), tmp_path / "blocks", "minilm", 64, 8, 10_000)
+
+
+def test_embeddings_come_back_in_block_order_whatever_the_length_batching(tmp_path):
+    import torch
+
+    from indexer.embed import embed_blocks, encode_blocks, pad_batch
+    from trainer.model import build_realm
+
+    rows = [{"id": f"d{i}", "title": f"T{i}", "text": "word " * (7 * i % 50 + 3)} for i in range(12)]
+    build_block_store(str(write_jsonl(tmp_path / "c.jsonl", rows)), tmp_path / "s", "minilm", 64, 8, 10**7)
+    store = BlockStore(tmp_path / "s")
+    torch.manual_seed(0)
+    tower = build_realm("random", 30522, 1, 1, 32, 2, 64, 16).retriever.doc_tower.eval()
+    with torch.no_grad():
+        alone = torch.cat([tower(*pad_batch([store.tokens(b)])) for b in range(len(store))]).numpy()
+    np.testing.assert_allclose(embed_blocks(tower, store, batch_size=5, progress=False), alone, atol=1e-5)
+    np.testing.assert_allclose(embed_blocks(tower, store, 3, 9, batch_size=4, progress=False), alone[3:9], atol=1e-5)
+    ids = np.array([7, 0, 11, 4])
+    np.testing.assert_allclose(encode_blocks(tower, store, ids, batch_size=3), alone[ids], atol=1e-5)

@@ -45,6 +45,9 @@ class MaskingConfig:
     min_sentence_chars: int = 20
 
 
+POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
+
+
 @dataclass
 class ModelConfig:
     init: str = "minilm"           # "minilm" | "random" | a local BERT checkpoint dir
@@ -310,7 +313,7 @@ def check_config(cfg: Config) -> None:
     choices = {"masking.mode": (cfg.masking.mode, ("salient", "random")),
                "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
                "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
-               "model.pooling": (cfg.model.pooling, ("cls", "mean", "cls_l2", "mean_l2")),
+               "model.pooling": (cfg.model.pooling, POOLINGS),
                "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
                "task": (cfg.task, ("mlm", "openqa")),
                "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from indexer.blocks import BlockStore, build_block_store
-from indexer.embed import embed_blocks, pad_batch
+from indexer.embed import embed_blocks, encode_blocks
 from indexer.io import InputError, atomic_write_json
 from indexer.shards import ShardedIndex
 from indexer.synthetic import write_synthetic
@@ -138,15 +138,11 @@ def pooled_sample(run: Run, tower, n: int, batch_size: int = 16) -> torch.Tensor
     """The tower's pooled (pre-projection) outputs for `n` blocks drawn at random: [n, hidden] float32."""
     rng = np.random.default_rng(run.cfg.seed)
     ids = rng.choice(len(run.store), size=min(n, len(run.store)), replace=False)
-    ids = ids[np.argsort([-len(run.store.tokens(int(b))) for b in ids], kind="stable")]  # less padding
     was_training = tower.training
     tower.eval()
-    out = []
-    for i in range(0, len(ids), batch_size):
-        tok, mask = pad_batch([run.store.tokens(int(b)) for b in ids[i:i + batch_size]], run.vocab.pad)
-        out.append(tower.pooled(tok.to(run.device), mask.to(run.device)).float().cpu())
+    out = encode_blocks(tower.pooled, run.store, ids, batch_size, run.device, run.vocab.pad)
     tower.train(was_training)
-    return torch.cat(out)
+    return torch.from_numpy(out)
 
 
 def init_projection(run: Run, model: REALM) -> None:

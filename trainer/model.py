@@ -22,6 +22,7 @@ from transformers import BertConfig, BertModel
 
 from indexer.io import InputError
 from indexer.tokenizer import minilm_dir
+from trainer.config import POOLINGS
 
 
 def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int = 128, num_heads: int = 2,
@@ -45,9 +46,6 @@ def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int
         bert.encoder.layer = bert.encoder.layer[:num_layers]
         bert.config.num_hidden_layers = num_layers
     return bert
-
-
-POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")
 
 
 class Tower(nn.Module):
