@@ -15,14 +15,15 @@ def gpu_available() -> bool:
 
 
 # On CPU, faiss's flat search keeps a k-heap per query that costs ~20 ns per score once batches reach
-# 16 queries over 50k+ rows (2 cores: 11.3 s for 512 x 1e6, numpy brute force 3.9 s); there the
-# two-stage search of indexer.torch_search over faiss's own copy of the rows takes 2.1 s.
-TORCH_MIN_BATCH, TORCH_MIN_ROWS = 16, 50_000
+# 16 queries (2 cores, B = 512: 1.4 s over 1e5 rows, numpy brute force 0.39 s); there the torch search
+# of indexer.torch_search over faiss's own copy of the rows takes 0.14 s. Below about a million
+# scores a call faiss is as fast (bench/RESULTS.md).
+TORCH_MIN_BATCH, TORCH_MIN_SCORES = 16, 1 << 20
 
 
 class FlatShard:
     """Rows [offset, offset + n) of one index version in a faiss IndexFlatIP (GPU when present); on CPU,
-    large batches over large shards go to the torch two-stage search over the same memory."""
+    large batches go to the torch search over the same memory."""
 
     def __init__(self, embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -34,14 +35,14 @@ class FlatShard:
         index.add(emb)
         self.index = index
         self.batch_search = None
-        if not on_gpu and self.rows >= TORCH_MIN_ROWS:
+        if not on_gpu and self.rows:
             from indexer.torch_search import TorchFlatShard
             rows = faiss.rev_swig_ptr(index.get_xb(), self.rows * self.dim).reshape(self.rows, self.dim)
             self.batch_search = TorchFlatShard(rows, offset)  # a view of faiss's storage, no copy
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.batch_search is not None and len(q) >= TORCH_MIN_BATCH:
+        if self.batch_search is not None and len(q) >= TORCH_MIN_BATCH and len(q) * self.rows >= TORCH_MIN_SCORES:
             return self.batch_search.search(q, k)
         kk = min(k, self.rows)
         if kk == 0:

@@ -1,4 +1,5 @@
-"""Exact top-k inner-product search with torch, for GPUs where faiss has no GPU build.
+"""Exact top-k inner-product search with torch: the shard service on GPUs where faiss has no GPU build,
+and on CPU for batches (faiss's per-query heaps are slow there; indexer/shards.py).
 
 Brute force spends its time writing and re-reading the [B, N] score matrix (B=512, N=1e7: 20 GB in
 fp32), not in the matmul. So the search runs in two stages, and only the first touches all N rows:
@@ -18,8 +19,13 @@ its rows twice (fp32 + fp16): 1.5x the bytes of the fp32 embeddings.
 
 Shapes: queries [B, dim] float32 -> scores [B, k] float32, ids [B, k] int64 (offset added), best
 first, padded with -inf / -1 when the shard has fewer than k rows; the FlatShard interface.
+
+On CPU, shards up to CPU_ONE_STAGE_MAX_ROWS rows skip the grouping: each score tile's own top k, then
+the top k of those (exact, one stage).
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -95,12 +101,31 @@ def group_max_torch(q: torch.Tensor, emb: torch.Tensor, group: int, chunk_rows: 
     return torch.cat(parts, 1)
 
 
+def topk_torch(q: torch.Tensor, emb: torch.Tensor, k: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact one-stage top-k: each chunk's own top k, then the top k of those -> (scores, row ids) [B, k]."""
+    scores, ids = [], []
+    for start in range(0, emb.shape[0], chunk_rows):
+        s, i = (q @ emb[start:start + chunk_rows].T).topk(min(k, len(emb) - start), dim=1)
+        scores.append(s)
+        ids.append(i + start)
+    top, pos = torch.cat(scores, 1).topk(k, dim=1)
+    return top, torch.cat(ids, 1).gather(1, pos)
+
+
+# CPU (2 cores, B = 512, k = 8, dim 128; bench/RESULTS.md): score tiles of 2,048 rows stay in cache
+# (4 MB), so taking their maxima costs little more than the matmul (1e5 rows: 194 ms vs 236 ms in
+# 64k-row chunks); up to CPU_ONE_STAGE_MAX_ROWS rows one stage (each tile's own top k, tiles of
+# 4,096 rows) beats two, whose re-scoring of k groups of 32 rows per query costs the same whatever
+# the shard's size (2,500 rows: 7 ms vs 24 ms; 25,000 rows: even).
+CPU_CHUNK_ROWS, CPU_TOPK_ROWS, CPU_ONE_STAGE_MAX_ROWS, CPU_RESCORE_QUERIES = 2048, 4096, 16_384, 32
+
+
 class TorchFlatShard:
     """Rows [offset, offset + n) of one index version on a torch device, searched exactly in two stages."""
 
     def __init__(self, embeddings: np.ndarray, offset: int = 0, device: str | torch.device = "cpu",
                  group: int = 32, groups_per_k: int | None = None, use_triton: bool | None = None,
-                 triton_config: tuple | None = None):
+                 triton_config: tuple | None = None, one_stage_max_rows: int | None = None):
         emb = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
         self.device = torch.device(device)
         self.offset, self.rows, self.dim = offset, emb.shape[0], emb.shape[1]
@@ -114,12 +139,36 @@ class TorchFlatShard:
         # Stage 1 reads half precision on CUDA (fp16: 3 more mantissa bits than bf16, and retrieval
         # embeddings are far from its range limits); fp32 elsewhere.
         self.scan = self.emb.half().contiguous() if self.device.type == "cuda" else self.emb
+        # Shards up to this many rows are searched in one stage (CPU only: on CUDA two stages always win).
+        if one_stage_max_rows is None:
+            one_stage_max_rows = CPU_ONE_STAGE_MAX_ROWS if self.device.type == "cpu" else 0
+        self.one_stage_max_rows = one_stage_max_rows
+        self._local = threading.local()  # CPU re-scoring's gather buffer, reused by each thread's calls
 
     def group_max(self, q: torch.Tensor) -> torch.Tensor:
         qs = q.to(self.scan.dtype).contiguous()
         if self.use_triton:
             return group_max_triton(qs, self.scan, self.group, self.triton_config)
-        return group_max_torch(qs, self.scan, self.group)
+        return group_max_torch(qs, self.scan, self.group, CPU_CHUNK_ROWS if self.device.type == "cpu" else 1 << 16)
+
+    def rescore(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """q [B, dim], candidate rows [B, C] -> their exact fp32 scores [B, C]. On CPU in slices of
+        queries through one reused gather buffer: a fresh [B, C, dim] tensor costs more in page faults
+        than the products (B=512, C=256: 31 ms to allocate and fill, 7 ms into a reused buffer)."""
+        q = q.float()
+        if self.device.type != "cpu":
+            return torch.einsum("bd,bcd->bc", q, self.emb[cand])
+        B, C = cand.shape
+        n = min(B, CPU_RESCORE_QUERIES)
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.shape[0] < n * C:
+            buffer = self._local.buffer = torch.empty(n * C, self.dim)
+        out = torch.empty(B, C)
+        for i in range(0, B, n):
+            rows = cand[i:i + n].flatten()
+            g = torch.index_select(self.emb, 0, rows, out=buffer[:len(rows)])
+            torch.bmm(g.view(-1, C, self.dim), q[i:i + n, :, None], out=out[i:i + n, :, None])
+        return out
 
     @torch.no_grad()
     @torch.autocast("cuda", enabled=False)  # a caller's autocast must not round the exact stage to bf16
@@ -127,14 +176,15 @@ class TorchFlatShard:
     def search_tensor(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, dim] float32 on self.device -> (scores, local row ids) [B, min(k, rows)], best first."""
         kk = min(k, self.rows)
+        if self.rows <= self.one_stage_max_rows:
+            return topk_torch(q, self.emb, kk, CPU_TOPK_ROWS)
         gmax = self.group_max(q)
         n_sel = min(gmax.shape[1], kk * self.groups_per_k)
         best_groups = gmax.topk(n_sel, dim=1).indices  # [B, n_sel]
         cand = (best_groups[:, :, None] * self.group + torch.arange(self.group, device=q.device)).flatten(1)
         valid = cand < self.rows
         cand = torch.where(valid, cand, 0)
-        scores = torch.einsum("bd,bcd->bc", q.float(), self.emb[cand])
-        scores = scores.masked_fill(~valid, float("-inf"))
+        scores = self.rescore(q, cand).masked_fill(~valid, float("-inf"))
         top, pos = scores.topk(kk, dim=1)
         return top, cand.gather(1, pos)
 

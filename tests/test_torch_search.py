@@ -1,4 +1,4 @@
-"""indexer.torch_search: the two-stage GPU search is exact (its torch stage runs here on CPU)."""
+"""indexer.torch_search: the one- and two-stage searches are exact (the torch stages run here on CPU)."""
 import numpy as np
 import pytest
 import torch
@@ -12,12 +12,16 @@ def brute_topk(emb: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-@pytest.mark.parametrize("rows,batch,k,group", [(1000, 7, 8, 32), (1031, 3, 5, 16), (20, 4, 8, 32), (3, 2, 8, 32)])
-def test_two_stage_search_equals_brute_force(rows, batch, k, group):
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("rows,batch,k,group", [(1000, 7, 8, 32), (1031, 3, 5, 16), (20, 4, 8, 32), (3, 2, 8, 32),
+                                                (5000, 70, 8, 32)])
+def test_search_equals_brute_force(rows, batch, k, group, stages):
     rng = np.random.default_rng(rows)
     emb = rng.standard_normal((rows, 32), dtype=np.float32)
     q = rng.standard_normal((batch, 32), dtype=np.float32)
-    scores, ids = TorchFlatShard(emb, offset=100, group=group).search(q, k)
+    # batch 70: the CPU re-scoring runs in slices of 32 queries through one buffer; 5000 rows: 3 score tiles
+    shard = TorchFlatShard(emb, offset=100, group=group, one_stage_max_rows=rows if stages == 1 else 0)
+    scores, ids = shard.search(q, k)
     ref = brute_topk(emb, q, k)
     kk = min(k, rows)
     assert (np.sort(ids[:, :kk] - 100, 1) == np.sort(ref, 1)).all()
@@ -35,7 +39,7 @@ def test_adversarial_groups_still_exact():
     q[0, 0] = 1.0
     emb[64:72, 0] = np.linspace(10, 9, 8)       # the top 8, all in group 2
     emb[32 * np.arange(3, 40), 0] = 8.99        # one runner-up in each other group
-    _, ids = TorchFlatShard(emb, group=32).search(q, 8)
+    _, ids = TorchFlatShard(emb, group=32, one_stage_max_rows=0).search(q, 8)
     assert sorted(ids[0]) == list(range(64, 72))
 
 
@@ -64,10 +68,10 @@ def test_triton_group_max_matches_torch_on_gpu():
             assert torch.allclose(group_max_triton(q, emb, 32, cfg), ref, atol=1e-2, rtol=1e-3), (B, cfg)
 
 
-def test_cpu_flat_shard_large_batches_take_the_two_stage_path_and_agree_with_faiss():
-    from indexer.shards import TORCH_MIN_BATCH, TORCH_MIN_ROWS
+def test_cpu_flat_shard_large_batches_take_the_torch_path_and_agree_with_faiss():
+    from indexer.shards import TORCH_MIN_BATCH, TORCH_MIN_SCORES
     rng = np.random.default_rng(3)
-    emb = rng.standard_normal((TORCH_MIN_ROWS + 17, 16), dtype=np.float32)
+    emb = rng.standard_normal((TORCH_MIN_SCORES // TORCH_MIN_BATCH + 17, 16), dtype=np.float32)
     q = rng.standard_normal((TORCH_MIN_BATCH, 16), dtype=np.float32)
     shard = FlatShard(emb, offset=5, use_gpu=False)
     assert shard.batch_search is not None
