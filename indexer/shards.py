@@ -6,12 +6,17 @@ k rows exist; exclusions `[B, E] int64` block ids, -1 = padding.
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
+
+try:  # CPU shards need faiss; the CUDA images we run on have none, and search with indexer.torch_search
+    import faiss
+except ImportError:  # pragma: no cover - depends on the install
+    faiss = None
 
 
 def gpu_available() -> bool:
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    """faiss with a GPU build and a GPU."""
+    return faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
 # On CPU, faiss's flat search keeps a k-heap per query that costs ~20 ns per score once batches reach
@@ -26,6 +31,8 @@ class FlatShard:
     large batches go to the torch search over the same memory."""
 
     def __init__(self, embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
+        if faiss is None:
+            raise RuntimeError("a CPU index shard needs faiss: pip install faiss-cpu")
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.offset, self.rows, self.dim = offset, emb.shape[0], emb.shape[1]
         index = faiss.IndexFlatIP(self.dim)
