@@ -121,7 +121,8 @@ CPU_CHUNK_ROWS, CPU_TOPK_ROWS, CPU_ONE_STAGE_MAX_ROWS, CPU_RESCORE_QUERIES = 204
 
 
 class TorchFlatShard:
-    """Rows [offset, offset + n) of one index version on a torch device, searched exactly in two stages."""
+    """Rows [offset, offset + n) of one index version on a torch device, searched exactly (two stages; one for
+    small shards on CPU)."""
 
     def __init__(self, embeddings: np.ndarray, offset: int = 0, device: str | torch.device = "cpu",
                  group: int = 32, groups_per_k: int | None = None, use_triton: bool | None = None,
