@@ -53,9 +53,9 @@ class StopTheWorldIndex:
     run's own at a resume step) instead of re-embedding the corpus.
     """
 
-    def __init__(self, run: Run, model, every_steps: int, total_steps: int, run_id: str, start_step: int,
-                 initial_id: str = ""):
-        self.run, self.every, self.total, self.run_id = run, every_steps, total_steps, run_id
+    def __init__(self, run: Run, model, run_id: str, start_step: int, initial_id: str = ""):
+        self.run, self.run_id = run, run_id
+        self.every, self.total = run.cfg.refresh.every_steps, run.cfg.pretrain.steps
         self.frozen_steps = run.cfg.pretrain.freeze_retriever_steps
         self.stats = {}
         self.index = stored_index(run, f"{run_id}-{start_step}", initial_id if start_step == 0 else "")
@@ -220,7 +220,7 @@ def pretrain(cfg: Config) -> dict:
     log = MetricsLogger(run.dir, "pretrain", cfg)
     try:
         summary = train_loop(run, model, engine, lambda m, run_id, step: StopTheWorldIndex(
-            run, m, cfg.refresh.every_steps, cfg.pretrain.steps, run_id, step, meta.get("doc_encoder_id", "")),
+            run, m, run_id, step, meta.get("doc_encoder_id", "")),
             log, init=meta.get("stage", ""))
     finally:
         log.close()
