@@ -89,6 +89,10 @@ class PretrainConfig:
     head_lr: float = 1e-3          # freshly initialized MLM head + null score
     retriever_lr: float = 1e-5     # query/doc encoders: lower, so a still-ignorant reader cannot wreck them
     freeze_retriever_steps: int = 0  # train only the reader first (its gradients carry no signal for z yet)
+    # The first N (<= freeze_retriever_steps) steps read the sentence's own block as candidate 0, so the reader
+    # learns to copy from z before the retriever learns from it (with a frozen retriever the trivial match
+    # teaches it nothing); afterwards the own block is excluded, as in the paper.
+    own_block_steps: int = 0
     warmup_steps: int = 20
     grad_clip: float = 1.0
     log_every: int = 10
@@ -326,6 +330,10 @@ def check_config(cfg: Config) -> None:
     for key, (v, allowed) in choices.items():
         if v not in allowed:
             raise InputError(f"config key '{key}': expected one of {', '.join(map(str, allowed))}, got {v!r}")
+    if not 0 <= cfg.pretrain.own_block_steps <= cfg.pretrain.freeze_retriever_steps:
+        raise InputError(f"config key 'pretrain.own_block_steps': must be between 0 and "
+                         f"pretrain.freeze_retriever_steps={cfg.pretrain.freeze_retriever_steps} (a retriever "
+                         f"that trains on its own block learns string matching), got {cfg.pretrain.own_block_steps}")
     if cfg.pretrain.batch_size % cfg.cluster.trainers:
         raise InputError(f"config key 'pretrain.batch_size': {cfg.pretrain.batch_size} does not split evenly "
                          f"over cluster.trainers={cfg.cluster.trainers}")

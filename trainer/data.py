@@ -194,6 +194,17 @@ def collate_realm(queries: list[MaskedQuery], candidates: np.ndarray, store: Blo
                       torch.from_numpy(positions), torch.from_numpy(targets), torch.from_numpy(target_mask))
 
 
+def with_own_block(queries: list[MaskedQuery], candidates: np.ndarray) -> np.ndarray:
+    """[B, K] candidates with each query's own (first excluded) block as candidate 0, the retrieved ones
+    shifted right (the last dropped); queries without an own block keep theirs."""
+    out = candidates.copy()
+    for i, q in enumerate(queries):
+        if q.exclude_blocks:
+            out[i, 1:] = candidates[i, :-1]
+            out[i, 0] = q.exclude_blocks[0]
+    return out
+
+
 def exclusion_matrix(queries: list[MaskedQuery]) -> np.ndarray:
     """[B, E] int64 excluded block ids, -1 padded."""
     E = max([len(q.exclude_blocks) for q in queries] + [1])
@@ -249,6 +260,18 @@ def ict_batch(store: BlockStore, tok, vocab: Vocab, batch_size: int, rng: np.ran
     if len(queries) < 2:
         raise InputError(f"{store.dir}: too few blocks with two or more sentences for the Inverse Cloze Task")
     return (*pad_batch(queries, vocab.pad), *pad_batch(contexts, vocab.pad))
+
+
+def span_in_candidates(queries: list[MaskedQuery], cand: np.ndarray, store: BlockStore) -> float:
+    """Fraction of queries whose masked tokens occur, in order, in one of their candidate blocks: how often
+    a reader that copies could fill the span from what was retrieved (the retriever's signal)."""
+    def contains(block: np.ndarray, span: np.ndarray) -> bool:
+        starts = np.flatnonzero(block[:len(block) - len(span) + 1] == span[0])
+        return any(np.array_equal(block[s:s + len(span)], span) for s in starts)
+
+    hits = [any(contains(np.asarray(store.tokens(int(c))), q.targets) for c in row if c >= 0)
+            for q, row in zip(queries, cand)]
+    return float(np.mean(hits)) if hits else 0.0
 
 
 def gold_hits(queries: list[MaskedQuery], cand: np.ndarray) -> list[bool]:

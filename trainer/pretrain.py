@@ -154,6 +154,8 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
         totals["staleness_wait"] += index.before_step(step)
         queries = sample_queries(train, run, micro_batch, rng)
         _, cand = retrieve(model, index, run, queries, k)
+        if step <= c.own_block_steps:
+            cand = D.with_own_block(queries, cand)
         staleness = index_staleness(step, index.checkpoint_step, c.freeze_retriever_steps)
         totals["max_staleness"] = max(totals["max_staleness"], staleness)
         batch = D.collate_realm(queries, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
@@ -165,13 +167,14 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
             seconds = time.perf_counter() - window["t"]
             m = batch_metrics(out, batch)
             gold = gold_in_topk(queries, cand)
-            log.log(step, loss=out["loss"].item(), **m, gold_in_topk=gold, grad_norm=norm,
+            span_in_k = D.span_in_candidates(queries, cand, run.store)
+            log.log(step, loss=out["loss"].item(), **m, gold_in_topk=gold, span_in_topk=span_in_k, grad_norm=norm,
                     index_version=index.version, staleness=staleness, tokens_per_s=window["tokens"] * world / seconds,
                     examples_per_s=window["examples"] * world / seconds, **index.stats,
                     refresh_blocked_s=totals["refresh_blocked"], staleness_wait_s=totals["staleness_wait"],
                     elapsed=time.time() - t_start)
             print(f"pretrain step {step}/{c.steps} loss {out['loss'].item():.3f} mlm acc {m['mlm_accuracy']:.2f} "
-                  f"p(null) {m['p_null']:.2f} entropy {m['retrieval_entropy']:.2f} "
+                  f"p(null) {m['p_null']:.2f} entropy {m['retrieval_entropy']:.2f} span@k {span_in_k:.2f} "
                   f"gold@k {'-' if gold is None else f'{gold:.2f}'} index v{index.version} staleness {staleness}",
                   flush=True)
             window = {"t": time.perf_counter(), "tokens": 0, "examples": 0}
