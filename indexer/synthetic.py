@@ -1,11 +1,13 @@
 """Synthetic knowledge: invented people whose attributes can only be read from their own document.
 
 Each entity gets one corpus document (title = its invented name) stating its home city, birth
-year, profession and instrument among filler sentences. Pre-training and eval statements say
-one attribute in *new wording*, with that attribute as the `answer` and the entity's document
-as `gold_id`. Eval statements are about entities never seen in pre-training statements, so
-predicting them needs retrieval + reading, not memorization. QA pairs ("What is the hometown of
-X?") follow the same split: qa_eval asks only about held-out entities.
+year, profession and instrument among filler sentences (`relations="basic"`). `"confusable"` adds
+a birth city, a work city, a graduation year and a marriage year: three cities and three years per
+document, so a reader must match the relation a question asks about, not just the answer's type.
+Pre-training and eval statements say one attribute in *new wording*, with that attribute as the
+`answer` and the entity's document as `gold_id`. Eval statements are about entities never seen in
+pre-training statements, so predicting them needs retrieval + reading, not memorization. QA pairs
+("What is the hometown of X?") follow the same split: qa_eval asks only about held-out entities.
 """
 from __future__ import annotations
 
@@ -51,6 +53,26 @@ STATEMENTS = {
     "instrument": ["The musical instrument of {n} is the {v}.", "{n} is a player of the {v}."],
 }
 
+# The relations added by "confusable": same answer types as city and year, different relations.
+CONFUSABLE = {
+    "birth_city": (["{n} was born in the city of {v}.", "{n} is a native of {v}."],
+                   ["The birthplace of {n} is {v}.", "{n} was delivered in a hospital in {v}."],
+                   ["Where was {n} born?", "In which city was {n} born?"]),
+    "work_city": (["{n} has an office in {v}.", "{n} commutes to work in {v}."],
+                  ["The workplace of {n} is in {v}.", "{n} goes to work in {v}."],
+                  ["In which city does {n} work?", "Where is the workplace of {n}?"]),
+    "graduation_year": (["{n} graduated in {v}.", "{n} finished university in {v}."],
+                        ["The graduation year of {n} is {v}.", "{n} earned a degree in {v}."],
+                        ["In what year did {n} graduate?", "When did {n} finish university?"]),
+    "marriage_year": (["{n} got married in {v}.", "The wedding of {n} took place in {v}."],
+                      ["The marriage year of {n} is {v}.", "{n} wed in {v}."],
+                      ["In what year did {n} marry?", "When did {n} get married?"]),
+}
+for _rel, (_doc, _statement, _question) in CONFUSABLE.items():
+    DOC_FACTS[_rel], STATEMENTS[_rel], QUESTIONS[_rel] = _doc, _statement, _question
+RELATIONS = {"basic": ("city", "year", "profession", "instrument"),
+             "confusable": ("city", "year", "profession", "instrument", *CONFUSABLE)}
+
 
 def _name(rng: np.random.Generator, used: set) -> str:
     while True:
@@ -61,7 +83,20 @@ def _name(rng: np.random.Generator, used: set) -> str:
             return name
 
 
-def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2) -> dict[str, list[dict]]:
+def _extra_values(rng: np.random.Generator, values: dict, relations: tuple) -> None:
+    """Values of the confusable relations, each unlike the entity's other cities and years."""
+    for rel in relations[len(RELATIONS["basic"]):]:
+        taken = set(values.values())
+        while rel not in values or values[rel] in taken:
+            values[rel] = (str(rng.choice(CITIES)).capitalize() if rel.endswith("city")
+                           else str(int(rng.integers(1700, 2000))))
+
+
+def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2, relations: str = "basic"
+             ) -> dict[str, list[dict]]:
+    if relations not in RELATIONS:
+        raise ValueError(f"relations {relations!r}: expected one of {', '.join(RELATIONS)}")
+    rels = RELATIONS[relations]
     rng = np.random.default_rng(seed)
     used: set = set()
     corpus, train, evals, qa_train, qa_eval = [], [], [], [], []
@@ -70,6 +105,7 @@ def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2) -> di
         name = _name(rng, used)
         values = {"city": str(rng.choice(CITIES)).capitalize(), "year": str(int(rng.integers(1700, 2000))),
                   "profession": str(rng.choice(PROFESSIONS)), "instrument": str(rng.choice(INSTRUMENTS))}
+        _extra_values(rng, values, rels)
         sentences = [DOC_FACTS[a][int(rng.integers(2))].format(n=name, v=v) for a, v in values.items()]
         sentences.append(str(rng.choice(FILLER)).format(n=name))
         doc_id = f"ent{i:05d}"
@@ -84,9 +120,9 @@ def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2) -> di
     return {"corpus": corpus, "pretrain": train, "eval": evals, "qa_train": qa_train, "qa_eval": qa_eval}
 
 
-def write_synthetic(out_dir: Path, num_entities: int, seed: int = 0) -> dict[str, Path]:
+def write_synthetic(out_dir: Path, num_entities: int, seed: int = 0, relations: str = "basic") -> dict[str, Path]:
     """corpus, pretrain, eval, qa_train and qa_eval .jsonl under out_dir (each written atomically)."""
-    data = generate(num_entities, seed)
+    data = generate(num_entities, seed, relations=relations)
     paths = {}
     for name, rows in data.items():
         path = out_dir / f"{name}.jsonl"

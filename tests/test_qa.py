@@ -112,3 +112,23 @@ def test_finetune_trains_query_tower_and_reader_but_never_the_doc_encoder(tiny_c
     assert metrics["index_version"] == 1
     result = finetune.query(cfg, as_json=True)
     assert result["question"] == cfg.question and len(result["blocks"]) == 3
+
+
+def test_confusable_synthetic_corpus_needs_the_relation_not_the_type():
+    import re
+
+    from indexer.synthetic import generate
+
+    basic, hard = generate(30, seed=1), generate(30, seed=1, relations="confusable")
+    assert generate(30, seed=1, relations="basic") == basic  # the default corpus is unchanged
+    for doc in hard["corpus"]:
+        years = re.findall(r"\b1[789]\d\d\b", doc["text"])
+        assert len(years) == len(set(years)) == 3  # three different years in every document
+    docs = {d["id"]: d["text"] for d in hard["corpus"]}
+    assert len(hard["qa_train"]) + len(hard["qa_eval"]) == 2 * (len(basic["qa_train"]) + len(basic["qa_eval"]))
+    for qa in hard["qa_train"] + hard["qa_eval"]:
+        assert qa["answers"][0] in docs[qa["gold_id"]]
+    held_out = {qa["gold_id"] for qa in hard["qa_eval"]}
+    assert held_out and not held_out & {qa["gold_id"] for qa in hard["qa_train"]}
+    with pytest.raises(ValueError, match="relations 'hard'"):
+        generate(3, relations="hard")

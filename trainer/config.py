@@ -21,6 +21,7 @@ from indexer.io import InputError
 class DataConfig:
     corpus: str = ""               # JSONL or Parquet with id, title, text; empty = synthetic corpus
     synthetic_entities: int = 600  # size of the generated corpus when data.corpus is empty
+    synthetic_relations: str = "basic"  # basic: 4 facts of distinct types a person; confusable: 8 (3 cities, 3 years)
     pretrain: str = ""             # optional JSONL: text [, answer, source_id, gold_id]
     eval: str = ""                 # optional JSONL, same fields; else a held-out slice of pretrain
     eval_fraction: float = 0.1     # held-out share of pre-training examples when no eval file
@@ -315,6 +316,7 @@ def check_config(cfg: Config) -> None:
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
     choices = {"masking.mode": (cfg.masking.mode, ("salient", "random")),
+               "data.synthetic_relations": (cfg.data.synthetic_relations, ("basic", "confusable")),
                "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
                "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                "model.pooling": (cfg.model.pooling, POOLINGS),
