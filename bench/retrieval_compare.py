@@ -1,7 +1,8 @@
 """Retrieval side by side on an Open-QA corpus: every retriever on the same blocks and questions in one run.
 
-Rows: BM25 (bm25s); `model.init` off the shelf (all its layers, mean-pooled, cosine: no training); and each
-model of the run, models/ict, models/realm and the fine-tuned Open-QA models (models/qa, models/qa_ict, ...).
+Rows: BM25 (bm25s); `model.init` off the shelf (all its layers, mean-pooled, cosine: no training); each
+model of the run, models/ict, models/realm and the fine-tuned Open-QA models (models/qa, models/qa_ict, ...);
+and for each fine-tuned model, its hybrid with BM25 (reciprocal rank fusion; retrieval only).
 On `data.qa_eval`:
   recall@k         a block of the question's gold paragraph (`gold_id`) is among the top k blocks
   answer recall@5  an answer string is in one of the top 5 blocks (trainer.qa.answer_in_text)
@@ -90,6 +91,22 @@ def doc_embeddings(run: Run, model, meta: dict) -> np.ndarray:
 
 
 @torch.no_grad()
+def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0) -> np.ndarray:
+    """[Q, k] block ids ranked by Σ over rankings of 1 / (c + rank) (Cormack et al. 2009: c = 60), rank from 1;
+    each ranking [Q, K] block ids, -1 = none. Ranks are all it uses, so BM25's and a dense model's
+    incomparable scores need no calibration. Rows with fewer than k fused blocks are -1 padded."""
+    out = np.full((len(rankings[0]), k), -1, np.int64)
+    for q in range(len(out)):
+        score: dict[int, float] = {}
+        for ranking in rankings:
+            for r, b in enumerate(ranking[q]):
+                if b >= 0:
+                    score[int(b)] = score.get(int(b), 0.0) + 1.0 / (c + r + 1)
+        best = sorted(score, key=lambda b: (-score[b], b))[:k]
+        out[q, :len(best)] = best
+    return out
+
+
 def dense_ranking(system: QASystem, questions: list[str], k: int, batch_size: int) -> np.ndarray:
     out = []
     for i in range(0, len(questions), batch_size):
@@ -166,7 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         curves[name] = curve
         print(markdown_table([row]).splitlines()[-1], flush=True)
 
-    add("BM25 (bm25s)", "none", bm25_ranking(run.store, questions, k))
+    bm25 = bm25_ranking(run.store, questions, k)
+    add("BM25 (bm25s)", "none", bm25)
     model = off_the_shelf(cfg, run.vocab.size).to(run.device).eval()
     emb = doc_embeddings(run, model, {})
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # cosine: the query's norm does not change its ranking
@@ -182,7 +200,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records = answer_questions(system, examples, cfg.finetune.k, cfg.finetune.max_answer_len,
                                        cfg.eval.batch_size)
             em = float(np.mean([r["exact_match"] for r in records]))
-        add(f"models/{model_dir.name}", describe(meta), dense_ranking(system, questions, k, cfg.eval.batch_size), em)
+        dense = dense_ranking(system, questions, k, cfg.eval.batch_size)
+        add(f"models/{model_dir.name}", describe(meta), dense, em)
+        if meta["kind"] == "openqa_model":  # the hybrid a deployment could run: BM25 and the fine-tuned retriever
+            add(f"BM25 + models/{model_dir.name} (RRF)", "reciprocal rank fusion of the two top-20 lists",
+                reciprocal_rank_fusion([bm25, dense], k))
 
     plot(curves, a.plot, f"{Path(cfg.data.corpus).parent.name or 'corpus'}: {len(examples)} questions, "
                          f"{len(run.store)} blocks")
@@ -195,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "answer recall@5: an answer string in one of the top 5 blocks (normalized, whole tokens)",
              f"EM: exact match of the answer the model reads from its top {cfg.finetune.k} blocks",
              "BM25: bm25s (Lucene, k1=1.5, b=0.75), English stop words, no stemming, title + text of each block",
+             "RRF: reciprocal rank fusion, score = sum of 1 / (60 + rank) over BM25's and the model's top 20",
              f"{cfg.model.init} off the shelf: every layer, mean-pooled, cosine; the run's models: "
              f"first {cfg.model.retriever_layers or 'all'} layers, {cfg.model.retrieval_dim}-d inner product"]
     command = "python -m bench.retrieval_compare " + " ".join(shlex.quote(x) for x in argv or sys.argv[1:])

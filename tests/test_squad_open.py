@@ -15,7 +15,8 @@ from tests.test_bench_smoke import table
 
 DATA = ROOT.parent / "shared" / "data" / "squad_open"
 ARTICLES = {"squad-dev-01": 30, "squad-dev-10": 25}  # Warsaw (training questions), Geology (dev questions)
-ROWS = ["BM25 (bm25s)", "random off the shelf", "models/ict", "models/realm", "models/qa", "models/qa_ict"]
+ROWS = ["BM25 (bm25s)", "random off the shelf", "models/ict", "models/realm", "models/qa", "BM25 + models/qa (RRF)",
+        "models/qa_ict", "BM25 + models/qa_ict (RRF)"]
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared data) is not here")
 
@@ -35,6 +36,20 @@ def squad_slice(out):
         rows = [line.strip() for line in open(DATA / f"{split}.jsonl") if json.loads(line)["gold_id"] in ids]
         paths[split] = write_jsonl(out / f"{split}.jsonl", rows)
     return paths
+
+
+def test_reciprocal_rank_fusion_ranks_by_summed_reciprocal_ranks():
+    import numpy as np
+
+    from bench.retrieval_compare import reciprocal_rank_fusion
+
+    a = np.array([[7, 3, 5], [1, 2, -1]])
+    b = np.array([[3, 9, 7], [4, -1, -1]])
+    fused = reciprocal_rank_fusion([a, b], 4)
+    # query 0: 3 is 2nd + 1st, 7 is 1st + 3rd (1/62 + 1/61 > 1/61 + 1/63), then 9 (2nd once) before 5 (3rd once)
+    assert fused[0].tolist() == [3, 7, 9, 5]
+    # query 1: 1 and 4 tie at 1/61 (ties by block id), then 2; one slot left empty
+    assert fused[1].tolist() == [1, 4, 2, -1]
 
 
 def test_recipe_runs_end_to_end_and_writes_the_comparison(tmp_path, capsys):
