@@ -90,7 +90,6 @@ def doc_embeddings(run: Run, model, meta: dict) -> np.ndarray:
                         progress=sys.stderr.isatty(), pad_id=run.vocab.pad)
 
 
-@torch.no_grad()
 def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0) -> np.ndarray:
     """[Q, k] block ids ranked by Σ over rankings of 1 / (c + rank) (Cormack et al. 2009: c = 60), rank from 1;
     each ranking [Q, K] block ids, -1 = none. Ranks are all it uses, so BM25's and a dense model's
@@ -107,6 +106,7 @@ def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0) 
     return out
 
 
+@torch.no_grad()
 def dense_ranking(system: QASystem, questions: list[str], k: int, batch_size: int) -> np.ndarray:
     out = []
     for i in range(0, len(questions), batch_size):
