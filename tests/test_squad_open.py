@@ -38,20 +38,6 @@ def squad_slice(out):
     return paths
 
 
-def test_reciprocal_rank_fusion_ranks_by_summed_reciprocal_ranks():
-    import numpy as np
-
-    from bench.retrieval_compare import reciprocal_rank_fusion
-
-    a = np.array([[7, 3, 5], [1, 2, -1]])
-    b = np.array([[3, 9, 7], [4, -1, -1]])
-    fused = reciprocal_rank_fusion([a, b], 4)
-    # query 0: 3 is 2nd + 1st, 7 is 1st + 3rd (1/62 + 1/61 > 1/61 + 1/63), then 9 (2nd once) before 5 (3rd once)
-    assert fused[0].tolist() == [3, 7, 9, 5]
-    # query 1: 1 and 4 tie at 1/61 (ties by block id), then 2; one slot left empty
-    assert fused[1].tolist() == [1, 4, 2, -1]
-
-
 def test_recipe_runs_end_to_end_and_writes_the_comparison(tmp_path, capsys):
     data = squad_slice(tmp_path / "data")
     results, plot = tmp_path / "RESULTS.md", tmp_path / "recall.png"
