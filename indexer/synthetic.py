@@ -34,45 +34,39 @@ FILLER = ["{n} enjoys long walks in the countryside.", "{n} has written letters 
 
 # Every sentence names its entity, so any sentence identifies the block (the Inverse Cloze Task
 # needs that); one fact per sentence, one filler, short blocks to keep the tiny config fast.
+# The first four relations are the basic corpus; "confusable" adds the last four (same answer types as city
+# and year, different relations).
 DOC_FACTS = {
     "city": ["{n} was raised in {v}.", "{n} comes from {v}."],
     "year": ["{n} was born in {v}.", "Records show that {n} was born in {v}."],
     "profession": ["{n} works as a {v}.", "{n} is employed as a {v}."],
     "instrument": ["{n} plays the {v}.", "{n} learned the {v} as a child."],
+    "birth_city": ["{n} was born in the city of {v}.", "{n} is a native of {v}."],
+    "work_city": ["{n} has an office in {v}.", "{n} commutes to work in {v}."],
+    "graduation_year": ["{n} graduated in {v}.", "{n} finished university in {v}."],
+    "marriage_year": ["{n} got married in {v}.", "The wedding of {n} took place in {v}."],
 }
 QUESTIONS = {
     "city": ["What is the hometown of {n}?", "Which city did {n} grow up in?"],
     "year": ["In what year was {n} born?", "When was {n} born?"],
     "profession": ["What is the occupation of {n}?", "What does {n} do for a living?"],
     "instrument": ["Which instrument does {n} play?", "What musical instrument does {n} play?"],
+    "birth_city": ["Where was {n} born?", "In which city was {n} born?"],
+    "work_city": ["In which city does {n} work?", "Where is the workplace of {n}?"],
+    "graduation_year": ["In what year did {n} graduate?", "When did {n} finish university?"],
+    "marriage_year": ["In what year did {n} marry?", "When did {n} get married?"],
 }
 STATEMENTS = {
     "city": ["The hometown of {n} is {v}.", "{n} grew up in the city of {v}."],
     "year": ["The birth year of {n} is {v}.", "{n} came into the world in {v}."],
     "profession": ["By trade, {n} is a {v}.", "The occupation of {n} is {v}."],
     "instrument": ["The musical instrument of {n} is the {v}.", "{n} is a player of the {v}."],
+    "birth_city": ["The birthplace of {n} is {v}.", "{n} was delivered in a hospital in {v}."],
+    "work_city": ["The workplace of {n} is in {v}.", "{n} goes to work in {v}."],
+    "graduation_year": ["The graduation year of {n} is {v}.", "{n} earned a degree in {v}."],
+    "marriage_year": ["The marriage year of {n} is {v}.", "{n} wed in {v}."],
 }
-
-# The relations added by "confusable": same answer types as city and year, different relations.
-CONFUSABLE = {
-    "birth_city": (["{n} was born in the city of {v}.", "{n} is a native of {v}."],
-                   ["The birthplace of {n} is {v}.", "{n} was delivered in a hospital in {v}."],
-                   ["Where was {n} born?", "In which city was {n} born?"]),
-    "work_city": (["{n} has an office in {v}.", "{n} commutes to work in {v}."],
-                  ["The workplace of {n} is in {v}.", "{n} goes to work in {v}."],
-                  ["In which city does {n} work?", "Where is the workplace of {n}?"]),
-    "graduation_year": (["{n} graduated in {v}.", "{n} finished university in {v}."],
-                        ["The graduation year of {n} is {v}.", "{n} earned a degree in {v}."],
-                        ["In what year did {n} graduate?", "When did {n} finish university?"]),
-    "marriage_year": (["{n} got married in {v}.", "The wedding of {n} took place in {v}."],
-                      ["The marriage year of {n} is {v}.", "{n} wed in {v}."],
-                      ["In what year did {n} marry?", "When did {n} get married?"]),
-}
-for _rel, (_doc, _statement, _question) in CONFUSABLE.items():
-    DOC_FACTS[_rel], STATEMENTS[_rel], QUESTIONS[_rel] = _doc, _statement, _question
-RELATIONS = {"basic": ("city", "year", "profession", "instrument"),
-             "confusable": ("city", "year", "profession", "instrument", *CONFUSABLE)}
-
+RELATIONS = {"basic": tuple(DOC_FACTS)[:4], "confusable": tuple(DOC_FACTS)}
 
 def _name(rng: np.random.Generator, used: set) -> str:
     while True:

@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from indexer.io import InputError
+from indexer.synthetic import RELATIONS
 
 
 @dataclass
@@ -316,7 +317,7 @@ def check_config(cfg: Config) -> None:
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
     choices = {"masking.mode": (cfg.masking.mode, ("salient", "random")),
-               "data.synthetic_relations": (cfg.data.synthetic_relations, ("basic", "confusable")),
+               "data.synthetic_relations": (cfg.data.synthetic_relations, tuple(RELATIONS)),
                "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
                "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                "model.pooling": (cfg.model.pooling, POOLINGS),
