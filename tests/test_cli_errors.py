@@ -91,6 +91,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("pretrain.steps=ten", "'pretrain.steps': expected an integer"),
     ("masking.mode=whole", "'masking.mode': expected one of salient, random"),
     ("data.synthetic_relations=hard", "'data.synthetic_relations': expected one of basic, confusable"),
+    ("model.reader_head=pointer", "'model.reader_head': expected one of mlm, copy"),
     ("pretrain.lr=1e-4", None),
     # tiny freezes the retriever for 150 steps: reading the own block longer would teach it string matching
     ("pretrain.own_block_steps=151", "'pretrain.own_block_steps': must be between 0 and"),

@@ -123,3 +123,38 @@ def test_marginal_token_log_probs_and_span_accuracy_against_brute_force():
     assert spans_correct(got, targets, torch.ones(2, 2)).tolist() == [True, False]
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])            # ...which is padding here: then right
     assert spans_correct(got, targets, mask).tolist() == [True, True]
+
+
+def test_copy_head_mixes_a_pointer_into_z_with_the_vocabulary_against_brute_force():
+    """p(w) = g p_vocab(w) + (1 - g) Σ_{i in z, token_i = w} a_i, computed token by token; without z
+    (the null document's input) it is the MLM head's distribution."""
+    torch.manual_seed(0)
+    reader = build_realm("random", 50, 1, 1, 32, 2, 64, 16, reader_head="copy").reader.eval()
+    ids = torch.randint(5, 50, (3, 10))
+    ids[0, 6] = ids[0, 8]                      # a word twice in z: its pointer mass adds up
+    types = torch.zeros_like(ids)
+    types[:2, 5:] = 1                          # rows 0, 1: x = positions 0-4, z = 5-9; row 2: x alone
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0                            # padding is never pointed at
+    positions = torch.tensor([[1, 2]] * 3)
+    got = reader.masked_log_probs(ids, mask, types, positions)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(3, 2), atol=1e-5)
+    with torch.no_grad():
+        h = reader.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        head = reader.copy_head
+        for n in range(3):
+            for j, pos in enumerate(positions[n].tolist()):
+                p_vocab = torch.softmax(reader.mlm_head(h[n, pos]), -1)
+                z = [i for i in range(10) if types[n, i] == 1 and mask[n, i] == 1]
+                if not z:
+                    expected = p_vocab
+                else:
+                    att = torch.stack([head.query(h[n, pos]) @ head.key(h[n, i]) for i in z]) / 32 ** 0.5
+                    p_copy = torch.zeros(50)
+                    for a, i in zip(att.softmax(0), z):
+                        p_copy[ids[n, i]] += a
+                    g = torch.sigmoid(head.gate(h[n, pos]))
+                    expected = g * p_vocab + (1 - g) * p_copy
+                assert torch.allclose(got[n, j], expected.log(), atol=1e-5), (n, j)
+    got[:, :, 7].sum().backward()              # word 7 need not be in z: log(0) must not turn into NaN
+    assert all(torch.isfinite(p.grad).all() for p in reader.parameters() if p.grad is not None)

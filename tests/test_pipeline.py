@@ -42,11 +42,16 @@ def test_commands_chain_through_the_run_directory(tiny_cfg):
 def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
     # Frozen for 3 steps, the doc tower is still ICT's: the refresh due at step 2 would re-embed the corpus
     # with the same weights, so it is skipped and the ICT index counts as fresh until step 3.
-    cfg = tiny_cfg("ict.steps=2", "pretrain.steps=6", "refresh.every_steps=2", "pretrain.log_every=1",
-                   "pretrain.freeze_retriever_steps=3")
+    overrides = ("ict.steps=2", "pretrain.steps=6", "refresh.every_steps=2", "pretrain.log_every=1",
+                 "pretrain.freeze_retriever_steps=3")
+    cfg = tiny_cfg(*overrides)
     loop.prepare(cfg)
     loop.ict(cfg)
+    # pre-training with the copy head starts from an ICT checkpoint written with the MLM head alone
+    cfg = tiny_cfg(*overrides, "model.reader_head=copy")
     pretrain(cfg)
+    assert load_model(f"{cfg.run_dir}/models/ict")[0].reader.head == "mlm"
+    assert load_model(f"{cfg.run_dir}/models/realm")[0].reader.head == "copy"
     steps = [e for e in map(json.loads, open(f"{cfg.run_dir}/events.jsonl")) if e["job"] == "pretrain"]
     assert [e["index_version"] for e in steps] == [1, 1, 1, 1, 2, 2]
     assert [e["staleness"] for e in steps] == [0, 0, 0, 1, 1, 2]
@@ -78,14 +83,16 @@ def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cf
     assert np.array_equal(with_own_block(queries, cand)[0], cand[0])
 
 
-def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path):
+@pytest.mark.parametrize("reader_head", ["mlm", "copy"])
+def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path, reader_head):
     from trainer.model import build_realm
 
     torch.manual_seed(0)
-    model = build_realm("random", 30522, 1, 1, 32, 2, 64, 16)
+    model = build_realm("random", 30522, 1, 1, 32, 2, 64, 16, reader_head=reader_head)
     save_model(model, tmp_path / "m", step=7)
     loaded, meta = load_model(tmp_path / "m")
-    assert meta["step"] == 7
+    assert meta["step"] == 7 and loaded.reader.head == reader_head
+    assert len(model.state_dict()) == len(loaded.state_dict())
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     heads = tmp_path / "m" / "heads.safetensors"

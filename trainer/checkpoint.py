@@ -2,8 +2,8 @@
 
 A model directory holds
     query_encoder/ doc_encoder/ reader/   BertModel.save_pretrained (config.json + model.safetensors)
-    heads.safetensors                     projections, MLM head transform + bias, null score
-    realm.json                            kind, step, retrieval_dim, pooling, components
+    heads.safetensors                     projections, MLM head transform + bias, copy head, null score
+    realm.json                            kind, step, retrieval_dim, pooling, reader_head, components
     manifest.json                         sha256 of every file (checked on load)
 Also the doc tower alone (`published/step_N/`, for the embedding workers) and training states
 (`checkpoints/step_N/`, for resume: the engine's files, loaded with weights_only=True).
@@ -45,6 +45,8 @@ def _head_params(model: REALM | OpenQAModel) -> dict[str, torch.nn.Parameter]:
         params.update({"mlm.dense.weight": h.dense.weight, "mlm.dense.bias": h.dense.bias,
                        "mlm.norm.weight": h.norm.weight, "mlm.norm.bias": h.norm.bias, "mlm.bias": h.bias,
                        "null_score": model.null_score})
+        if model.reader.copy_head is not None:
+            params.update({f"copy.{n}": p for n, p in model.reader.copy_head.named_parameters()})
     else:
         params.update({f"span.{n}": p for n, p in model.span_head.named_parameters()})
     return params
@@ -63,6 +65,8 @@ def save_model(model: REALM | OpenQAModel, directory: str | os.PathLike, step: i
         meta = {"kind": "realm_model" if isinstance(model, REALM) else "openqa_model", "step": step,
                 "retrieval_dim": tower.proj.out_features, "pooling": tower.pooling,
                 "vocab_size": tower.encoder.config.vocab_size, **(extra or {})}
+        if isinstance(model, REALM):
+            meta["reader_head"] = model.reader.head
         (tmp / "realm.json").write_text(json.dumps(meta, indent=2))
         write_manifest(tmp, meta)
     return directory
@@ -92,7 +96,7 @@ def load_model(directory: str | os.PathLike, verify: bool = True) -> tuple[REALM
     q, doc, reader = (_load_bert(d / c) for c in COMPONENTS)
     retriever = Retriever(q, doc, meta["retrieval_dim"], meta["pooling"])
     if meta["kind"] == "realm_model":
-        model = REALM(retriever, KnowledgeAugmentedEncoder(reader))
+        model = REALM(retriever, KnowledgeAugmentedEncoder(reader, meta.get("reader_head", "mlm")))
     else:
         model = OpenQAModel(retriever, reader)
     load_heads(model, d / "heads.safetensors")
@@ -121,7 +125,7 @@ def fresh_model(cfg, vocab_size: int) -> REALM:
 
     m = cfg.model
     return build_realm(m.init, vocab_size, m.retriever_layers, m.reader_layers, m.hidden_size, m.num_heads,
-                       m.intermediate_size, m.retrieval_dim, m.pooling)
+                       m.intermediate_size, m.retrieval_dim, m.pooling, m.reader_head)
 
 
 def step_dirs(parent: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -48,6 +48,7 @@ class MaskingConfig:
 
 
 POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
+READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ModelConfig:
     query_max_len: int = 64
     reader_max_len: int = 256      # [CLS] x [SEP] z [SEP]
     pooling: str = "cls"           # cls (the paper) | mean (how MiniLM was trained) | cls_l2 | mean_l2 (unit length)
+    reader_head: str = "mlm"       # mlm (the paper) | copy (MLM head + a pointer into z: for inits without an MLM head)
     proj_init: str = "random"      # the towers' projection to retrieval_dim: random | pca (from the corpus, before ICT)
     proj_init_blocks: int = 2000   # pca: corpus blocks sampled to fit it
     proj_init_scale: float = 20.0  # pca: inner products start as this times the cosine of the pooled vectors
@@ -321,6 +323,7 @@ def check_config(cfg: Config) -> None:
                "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
                "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                "model.pooling": (cfg.model.pooling, POOLINGS),
+               "model.reader_head": (cfg.model.reader_head, READER_HEADS),
                "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
                "task": (cfg.task, ("mlm", "openqa")),
                "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),

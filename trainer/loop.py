@@ -224,7 +224,9 @@ def initial_model(run: Run) -> tuple[REALM, dict]:
     """The ICT model (its metadata: stage, doc_encoder_id), else a fresh one from model.init."""
     ict_dir = run.dir / "models" / "ict"
     if ict_dir.is_dir():
-        return load_model(ict_dir)
+        model, meta = load_model(ict_dir)
+        model.reader.use_head(run.cfg.model.reader_head)  # the reader's head is pre-training's, not ICT's
+        return model.to(run.device), meta
     print("warning: no ICT checkpoint in the run directory; starting from model.init without a warm "
           "retriever (REALM may get no retrieval signal: run `launch.py ict` first)", file=sys.stderr)
     model = fresh_model(run.cfg, run.vocab.size).to(run.device)

@@ -6,7 +6,7 @@
   inner product. The index only *selects* candidates: their scores are recomputed here with the
   current encoders, so gradients reach both.
 * `KnowledgeAugmentedEncoder`: a BERT over `[CLS] x [SEP] z [SEP]` with an MLM head tied to the
-  word embeddings; scores the masked tokens of x.
+  word embeddings (optionally mixed with a pointer into z); scores the masked tokens of x.
 * `marginal_log_likelihood`: the equation above, in log space. The null document ∅ has a
   learned relevance score and reads `[CLS] x [SEP]` alone.
 """
@@ -22,7 +22,7 @@ from transformers import BertConfig, BertModel
 
 from indexer.io import InputError
 from indexer.tokenizer import minilm_dir
-from trainer.config import POOLINGS
+from trainer.config import POOLINGS, READER_HEADS
 
 
 def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int = 128, num_heads: int = 2,
@@ -134,22 +134,70 @@ class MLMHead(nn.Module):
         return F.linear(h, self.word_embeddings.weight, self.bias)
 
 
+class CopyHead(nn.Module):
+    """A pointer from each masked position into z (See et al. 2017's pointer-generator, over z only).
+
+    p(w) = g · p_vocab(w) + (1 - g) · Σ_{i ∈ z, token_i = w} attention_i. A reader whose MLM head is
+    fresh (MiniLM ships none) must first learn to map hidden states onto 30k words before z can help
+    it; matching the mask's context against z's tokens is learned in far fewer steps, and it is the
+    skill the span reader of fine-tuning needs. Without z (the null document) g is 1.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.gate = nn.Linear(hidden, 1)
+
+    def forward(self, at: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, in_z: torch.Tensor,
+                vocab_log_probs: torch.Tensor) -> torch.Tensor:
+        """at [N, M, H] (masked positions), hidden [N, L, H], ids [N, L], in_z [N, L] bool,
+        vocab_log_probs [N, M, V] float32 -> mixed log-probabilities [N, M, V] float32."""
+        att = torch.einsum("nmh,nlh->nml", self.query(at), self.key(hidden)).float() / at.size(-1) ** 0.5
+        has_z = in_z.any(-1)
+        att = att.masked_fill(~in_z[:, None, :], float("-inf")).masked_fill(~has_z[:, None, None], 0.0).softmax(-1)
+        p_copy = vocab_log_probs.new_zeros(vocab_log_probs.shape)
+        p_copy.scatter_add_(-1, ids[:, None, :].expand_as(att), att * in_z[:, None, :])
+        gate, no_z = self.gate(at).float(), ~has_z[:, None, None]   # [N, M, 1]
+        log_g = F.logsigmoid(gate).masked_fill(no_z, 0.0)
+        log_1m_g = F.logsigmoid(-gate).masked_fill(no_z, float("-inf"))
+        # clamp: words absent from z have p_copy 0; log(0)'s gradient would turn the sum's into NaN
+        return torch.logaddexp(log_g + vocab_log_probs, log_1m_g + p_copy.clamp_min(1e-30).log())
+
+
 class KnowledgeAugmentedEncoder(nn.Module):
-    def __init__(self, bert: BertModel):
+    """BERT + MLM head (`head="mlm"`, the paper), or + a copy head mixed into it (`head="copy"`)."""
+
+    def __init__(self, bert: BertModel, head: str = "mlm"):
         super().__init__()
         self.bert = bert
         self.mlm_head = MLMHead(bert.embeddings.word_embeddings, bert.config.hidden_size,
                                 bert.config.layer_norm_eps)
+        self.copy_head: CopyHead | None = None
+        self.use_head(head)
+
+    def use_head(self, head: str) -> None:
+        """Switch the output head (a checkpoint written with the other one: ICT never trains it)."""
+        if head not in READER_HEADS:
+            raise InputError(f"reader head {head!r}: expected one of {', '.join(READER_HEADS)}")
+        if head == "copy" and self.copy_head is None:
+            self.copy_head = CopyHead(self.bert.config.hidden_size).to(self.bert.device)
+        elif head == "mlm":
+            self.copy_head = None
+        self.head = head
 
     def masked_log_probs(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
                          positions: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the vocabulary at the masked positions.
 
-        ids/mask/types [N, L]; positions [N, M] int64 -> [N, M, V] float32.
+        ids/mask/types [N, L] (type 1 = z); positions [N, M] int64 -> [N, M, V] float32.
         """
         hidden = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         at = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-        return F.log_softmax(self.mlm_head(at).float(), dim=-1)
+        log_probs = F.log_softmax(self.mlm_head(at).float(), dim=-1)
+        if self.copy_head is None:
+            return log_probs
+        return self.copy_head(at, hidden, ids, (types == 1) & mask.bool(), log_probs)
 
 
 def span_log_prob(token_log_probs: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -253,7 +301,7 @@ class REALM(nn.Module):
 
 def build_realm(init: str, vocab_size: int, retriever_layers: int = 0, reader_layers: int = 0,
                 hidden_size: int = 128, num_heads: int = 2, intermediate_size: int = 512, retrieval_dim: int = 128,
-                pooling: str = "cls") -> REALM:
+                pooling: str = "cls", reader_head: str = "mlm") -> REALM:
     """Three BERTs from one init: query encoder, doc encoder (first `retriever_layers`), reader."""
     def bert(layers: int) -> BertModel:
         return build_bert(init, vocab_size, layers, hidden_size, num_heads, intermediate_size)
@@ -261,7 +309,7 @@ def build_realm(init: str, vocab_size: int, retriever_layers: int = 0, reader_la
     query = bert(retriever_layers)
     retriever = Retriever(query, copy.deepcopy(query), retrieval_dim, pooling)
     reader = copy.deepcopy(query) if reader_layers == retriever_layers else bert(reader_layers)
-    return REALM(retriever, KnowledgeAugmentedEncoder(reader))
+    return REALM(retriever, KnowledgeAugmentedEncoder(reader, reader_head))
 
 
 class SpanHead(nn.Module):
