@@ -44,7 +44,7 @@ def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
     # with the same weights, so it is skipped and the ICT index counts as fresh until step 3.
     overrides = ("ict.steps=2", "pretrain.steps=6", "refresh.every_steps=2", "pretrain.log_every=1",
                  "pretrain.freeze_retriever_steps=3")
-    cfg = tiny_cfg(*overrides)
+    cfg = tiny_cfg(*overrides, "model.reader_head=mlm")
     loop.prepare(cfg)
     loop.ict(cfg)
     # pre-training with the copy head starts from an ICT checkpoint written with the MLM head alone
