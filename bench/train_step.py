@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
 from bench.topk import TorchTopK  # noqa: E402
 from trainer.engine import TorchEngine, param_groups  # noqa: E402
 from trainer.model import REALM, RealmBatch, build_realm  # noqa: E402
+from trainer.pretrain import FRESH_HEADS  # noqa: E402
 
 VOCAB = 30522
 CLS, SEP, MASK = 101, 102, 103  # uncased BERT vocabulary ids
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a.reader_layers_real = model.reader.bert.config.num_hidden_layers
     # The optimizer pretrain() builds: reader body + heads at their own rates, retriever at another.
     groups = param_groups(list(model.reader.named_parameters(prefix="reader")) + [("null_score", model.null_score)],
-                          1e-5, 1e-4, ("reader.mlm_head", "reader.copy_head", "null_score"))
+                          1e-5, 1e-4, FRESH_HEADS)
     groups.append({"params": list(model.retriever.parameters()), "lr": 1e-5})
     engine = TorchEngine(groups, total_steps=10_000, warmup_steps=100)
 

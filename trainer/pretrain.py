@@ -89,11 +89,14 @@ class StopTheWorldIndex:
         return self._refresh(model, step)
 
 
+FRESH_HEADS = ("reader.mlm_head", "reader.copy_head", "null_score")  # parameter-name prefixes trained at head_lr
+
+
 def build_optimizer_groups(model, cfg: Config) -> list[dict]:
     """Reader at lr, fresh heads at head_lr, retriever at retriever_lr (0 while frozen)."""
     c = cfg.pretrain
     groups = param_groups(list(model.reader.named_parameters(prefix="reader")) + [("null_score", model.null_score)],
-                          c.lr, c.head_lr, ("reader.mlm_head", "reader.copy_head", "null_score"))
+                          c.lr, c.head_lr, FRESH_HEADS)
     groups.append({"params": list(model.retriever.parameters()), "lr": c.retriever_lr,
                    "frozen_steps": c.freeze_retriever_steps})
     return groups
