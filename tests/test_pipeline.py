@@ -59,7 +59,7 @@ def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
 
 
 def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cfg):
-    from trainer.data import read_examples, span_in_candidates, with_own_block
+    from trainer.data import own_blocks, read_examples, span_in_candidates
 
     cfg = tiny_cfg("data.pretrain=", "data.eval=", "masking.ner=regex", "pretrain.steps=3", "pretrain.log_every=1",
                    "pretrain.freeze_retriever_steps=2", "pretrain.own_block_steps=2")
@@ -70,17 +70,14 @@ def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cf
     run = loop.Run.open(cfg)
     train = read_examples(f"{cfg.run_dir}/examples/train.parquet")
     queries = loop.sample_queries(train, run, 8, np.random.default_rng(0))
-    model = loop.fresh_model(cfg, run.vocab.size).eval()
-    _, cand = loop.retrieve(model, loop.refresh_index(run, model, 0, "x"), run, queries, 3)
-    own = with_own_block(queries, cand)
-    assert own[:, 0].tolist() == [q.exclude_blocks[0] for q in queries]
-    assert np.array_equal(own[:, 1:], cand[:, :-1])  # the retrieved ones follow, in their order
+    own = own_blocks(queries)
+    assert own.tolist() == [[q.exclude_blocks[0]] for q in queries]
     # the masked tokens are always in the own block (the sentence came from it); the metric sees them
-    assert span_in_candidates(queries, own[:, :1], run.store) == 1.0
-    assert span_in_candidates(queries, np.full_like(cand, -1), run.store) == 0.0
-    # a query without an own block (user text without source_id) keeps its candidates
+    assert span_in_candidates(queries, own, run.store) == 1.0
+    assert span_in_candidates(queries, np.full_like(own, -1), run.store) == 0.0
+    # a query without an own block (user text without source_id) reads the null document alone
     queries[0].exclude_blocks = []
-    assert np.array_equal(with_own_block(queries, cand)[0], cand[0])
+    assert own_blocks(queries)[0].tolist() == [-1]
 
 
 @pytest.mark.parametrize("reader_head", ["mlm", "copy"])

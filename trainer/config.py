@@ -93,9 +93,9 @@ class PretrainConfig:
     head_lr: float = 1e-3          # freshly initialized MLM head + null score
     retriever_lr: float = 1e-5     # query/doc encoders: lower, so a still-ignorant reader cannot wreck them
     freeze_retriever_steps: int = 0  # train only the reader first (its gradients carry no signal for z yet)
-    # The first N (<= freeze_retriever_steps) steps read the sentence's own block as candidate 0, so the reader
-    # learns to copy from z before the retriever learns from it (with a frozen retriever the trivial match
-    # teaches it nothing); afterwards the own block is excluded, as in the paper.
+    # The first N (<= freeze_retriever_steps) steps read the sentence's own block alone (no search), so the
+    # reader learns to copy from z before the retriever learns from it (with a frozen retriever the trivial
+    # match teaches it nothing); afterwards the own block is excluded, as in the paper.
     own_block_steps: int = 0
     warmup_steps: int = 20
     grad_clip: float = 1.0

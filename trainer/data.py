@@ -194,15 +194,10 @@ def collate_realm(queries: list[MaskedQuery], candidates: np.ndarray, store: Blo
                       torch.from_numpy(positions), torch.from_numpy(targets), torch.from_numpy(target_mask))
 
 
-def with_own_block(queries: list[MaskedQuery], candidates: np.ndarray) -> np.ndarray:
-    """[B, K] candidates with each query's own (first excluded) block as candidate 0, the retrieved ones
-    shifted right (the last dropped); queries without an own block keep theirs."""
-    out = candidates.copy()
-    for i, q in enumerate(queries):
-        if q.exclude_blocks:
-            out[i, 1:] = candidates[i, :-1]
-            out[i, 0] = q.exclude_blocks[0]
-    return out
+def own_blocks(queries: list[MaskedQuery]) -> np.ndarray:
+    """[B, 1] candidates: each query's own (first excluded) block, -1 (none: the null document alone)
+    for a query without one (user text without source_id)."""
+    return np.array([[q.exclude_blocks[0] if q.exclude_blocks else -1] for q in queries], np.int64)
 
 
 def exclusion_matrix(queries: list[MaskedQuery]) -> np.ndarray:

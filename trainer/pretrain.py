@@ -156,9 +156,10 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
     for step in range(start + 1, c.steps + 1):
         totals["staleness_wait"] += index.before_step(step)
         queries = sample_queries(train, run, micro_batch, rng)
-        _, cand = retrieve(model, index, run, queries, k)
-        if step <= c.own_block_steps:
-            cand = D.with_own_block(queries, cand)
+        if step <= c.own_block_steps:  # the retriever is frozen: no search, the own block alone (half the reading)
+            cand = D.own_blocks(queries)
+        else:
+            _, cand = retrieve(model, index, run, queries, k)
         staleness = index_staleness(step, index.checkpoint_step, c.freeze_retriever_steps)
         totals["max_staleness"] = max(totals["max_staleness"], staleness)
         batch = D.collate_realm(queries, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
