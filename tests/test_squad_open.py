@@ -45,7 +45,7 @@ def test_recipe_runs_end_to_end_and_writes_the_comparison(tmp_path, capsys):
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.corpus={data['corpus']}", f"data.qa_train={data['qa_train']}",
                  f"data.qa_eval={data['qa_dev']}", *TINY_MODEL, "threads=1", "ict.steps=2", "ict.batch_size=8",
                  "pretrain.steps=2", "pretrain.batch_size=4", "pretrain.freeze_retriever_steps=1",
-                 "refresh.every_steps=2", "finetune.steps=2", "finetune.batch_size=4"]
+                 "pretrain.own_block_steps=1", "refresh.every_steps=2", "finetune.steps=2", "finetune.batch_size=4"]
     env = dict(os.environ, PYTHON=sys.executable, RESULTS=str(results), PLOT=str(plot), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "squad_open.sh"), *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
