@@ -206,8 +206,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             add(f"BM25 + models/{model_dir.name} (RRF)", "reciprocal rank fusion of the two top-20 lists",
                 reciprocal_rank_fusion([bm25, dense], k))
 
-    plot(curves, a.plot, f"{Path(cfg.data.corpus).parent.name or 'corpus'}: {len(examples)} questions, "
-                         f"{len(run.store)} blocks")
     config = {"config": a.config, "run_dir": cfg.run_dir, "blocks": len(run.store),
               "questions": f"{len(examples)} ({qa_path})", "model.init": cfg.model.init,
               "retriever_layers": cfg.model.retriever_layers, "ict.steps": cfg.ict.steps,
@@ -223,6 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = "python -m bench.retrieval_compare " + " ".join(shlex.quote(x) for x in argv or sys.argv[1:])
     write_results(f"Retrieval comparison, {Path(a.config).stem}", config, rows, a.results, run.device, notes,
                   HEADER, command)
+    # after the results: their commit line would otherwise call a tracked plot's new bytes "+dirty"
+    plot(curves, a.plot, f"{Path(cfg.data.corpus).parent.name or 'corpus'}: {len(examples)} questions, "
+                         f"{len(run.store)} blocks")
     print(f"\n{markdown_table(rows)}\n\nwrote {a.results} and {a.plot}")
     return rows
 
