@@ -90,7 +90,7 @@ class PretrainConfig:
     steps: int = 300
     batch_size: int = 8
     lr: float = 5e-5
-    head_lr: float = 1e-3          # freshly initialized MLM head + null score
+    head_lr: float = 1e-3          # freshly initialized heads (FRESH_HEADS: MLM, copy) + null score
     retriever_lr: float = 1e-5     # query/doc encoders: lower, so a still-ignorant reader cannot wreck them
     freeze_retriever_steps: int = 0  # train only the reader first (its gradients carry no signal for z yet)
     # The first N (<= freeze_retriever_steps) steps read the sentence's own block alone (no search), so the
