@@ -1,3 +1,4 @@
+import atexit
 import json
 import os
 import sys
@@ -14,8 +15,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+EXIT_STATUS = pytest.StashKey[int]()
+
 # A small random BERT: unit tests exercise the real code paths in seconds.
 TINY_MODEL = [*SMOKE_MODEL, "threads=2"]
+
+
+def pytest_configure(config):
+    # Registered first, so it runs after every other exit handler (pytest's, Ray's, torch's).
+    atexit.register(_exit_without_native_teardown, config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+def _exit_without_native_teardown(config):
+    """This one process has hosted a Ray driver, torch's and faiss' OpenMP pools and DeepSpeed. Once, in CI,
+    their native teardown segfaulted after every test had passed (exit 139 after '130 passed'). The results
+    are final by now, so leave with pytest's status and skip what follows the exit handlers: module teardown
+    and the libraries' static destructors. (The project's own processes exit normally; the recipe scripts
+    check every stage's status. A crash during the tests still prints stacks: .ci/run sets PYTHONFAULTHANDLER.)"""
+    status = config.stash.get(EXIT_STATUS, None)
+    if status is not None and os.environ.get("REALM_TEST_FULL_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def write_jsonl(path: Path, rows) -> Path:
