@@ -58,6 +58,16 @@ def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
     assert IndexVersions(f"{cfg.run_dir}/index").current().checkpoint_step == 4
 
 
+def test_a_frozen_group_warms_up_when_it_thaws():
+    from trainer.engine import lr_lambdas
+
+    reader, retriever = lr_lambdas([{"params": []}, {"params": [], "frozen_steps": 100}], 140, 20)
+    assert retriever(0) == retriever(99) == 0.0
+    assert retriever(100) == reader(0) == 1 / 20  # its first step starts its warmup
+    assert retriever(119) == 1.0 == max(map(retriever, range(140)))  # the full lr, not a third of it
+    assert retriever(139) > 0 and retriever(140) == reader(140) == 0.0  # and it decays to the run's end
+
+
 def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cfg):
     from trainer.data import own_blocks, read_examples, span_in_candidates
 

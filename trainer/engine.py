@@ -23,9 +23,11 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 
 
 def lr_lambdas(param_groups: list[dict], total_steps: int, warmup_steps: int) -> list:
-    """Per group: warmup + linear decay, times 0 for the group's `frozen_steps` first steps."""
+    """Per group: warmup + linear decay to the last step. A group frozen for its `frozen_steps` first steps
+    starts its warmup when it thaws (on the run's clock it would thaw mid-decay: frozen 100 of 140 steps, the
+    retriever would train at a third of its lr and falling)."""
     def schedule(frozen: int):
-        return lambda s: 0.0 if s < frozen else linear_warmup_decay(s, warmup_steps, total_steps)
+        return lambda s: 0.0 if s < frozen else linear_warmup_decay(s - frozen, warmup_steps, total_steps - frozen)
     return [schedule(g.get("frozen_steps", 0)) for g in param_groups]
 
 
