@@ -121,6 +121,7 @@ class FinetuneConfig:
     lr: float = 5e-5               # reader
     head_lr: float = 1e-3          # fresh span head
     retriever_lr: float = 1e-5     # query tower (the doc tower and index stay fixed)
+    grad_clip: float = 1.0         # its own: pre-training's (a marginal over z, larger norms) is no guide here
     k: int = 5                     # retrieved blocks per question (fine-tuning, evaluation, query)
     max_answer_len: int = 10       # wordpieces
     init: str = "auto"             # auto (realm if present, else ict) | realm | ict | <dir>

@@ -193,7 +193,7 @@ def finetune(cfg: Config) -> dict:
     groups = param_groups(list(model.reader.named_parameters(prefix="reader")) +
                           list(model.span_head.named_parameters(prefix="span_head")), c.lr, c.head_lr, ("span_head",))
     groups.append({"params": list(model.retriever.query_tower.parameters()), "lr": c.retriever_lr})
-    engine = TorchEngine(groups, c.steps, max(1, c.steps // 10), cfg.pretrain.grad_clip)
+    engine = TorchEngine(groups, c.steps, max(1, c.steps // 10), c.grad_clip)
     log = MetricsLogger(system.run.dir, "finetune", cfg)
     rng = np.random.default_rng(cfg.seed)
     t0, skipped = time.time(), 0
