@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 from trainer import loop
 from trainer.config import load_config
+from trainer.pretrain import pretrain
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # setup.cfg's 1200 s default is for the rest
 
@@ -23,7 +24,7 @@ def test_realm_learns_to_retrieve_and_read_synthetic_knowledge(tmp_path):
     loop.prepare(cfg())
     loop.ict(cfg())
     ict = loop.evaluate(cfg("eval.model=ict"))
-    loop.pretrain(cfg())
+    pretrain(cfg())  # as `launch.py pretrain` runs it: tiny.yaml's cluster.backend, Ray + DeepSpeed
     realm = loop.evaluate(cfg("eval.model=realm"))
     print(json.dumps({"ict": ict, "realm": realm}, indent=2))
 
