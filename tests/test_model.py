@@ -158,3 +158,30 @@ def test_copy_head_mixes_a_pointer_into_z_with_the_vocabulary_against_brute_forc
                 assert torch.allclose(got[n, j], expected.log(), atol=1e-5), (n, j)
     got[:, :, 7].sum().backward()              # word 7 need not be in z: log(0) must not turn into NaN
     assert all(torch.isfinite(p.grad).all() for p in reader.parameters() if p.grad is not None)
+
+
+def test_candidates_signal_reorders_the_retrieved_blocks_and_leaves_the_reader_gradient_alone(small_realm_batch):
+    """retriever_signal="candidates": the towers' gradient on the candidates' scores sums to zero in each row (it
+    reorders them; the paper's marginal moves them all once the null doc wins), the null score gets none of it,
+    and the reader and null score get exactly the paper's gradient."""
+    batch, vocab = small_realm_batch
+    grads, score_grads = {}, {}
+    for signal in ("marginal", "candidates"):
+        model = tiny_model(vocab.size).train()
+        with torch.no_grad():
+            model.null_score.fill_(3.0)  # the null doc dominates p(z|x), as it does in a failing run
+        out = model(batch, retriever_signal=signal)
+        score_grads[signal] = torch.autograd.grad(out["loss"], out["scores"], retain_graph=True)[0]
+        out["loss"].backward()
+        grads[signal] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    cand = score_grads["candidates"][:, 1:]
+    assert torch.allclose(cand.sum(-1), torch.zeros(len(cand)), atol=1e-6)
+    assert cand.abs().sum() > 0
+    assert score_grads["marginal"][:, 1:].sum(-1).abs().max() > 1e-4  # the paper's: not a reordering
+    same = {n: torch.allclose(g, grads["candidates"][n], atol=1e-6) for n, g in grads["marginal"].items()}
+    assert all(ok for n, ok in same.items() if not n.startswith("retriever."))
+    assert not any(ok for n, ok in same.items() if n == "retriever.query_tower.proj.weight")
+    assert not same["retriever.doc_tower.proj.weight"]
+    with torch.no_grad():  # no grad: the frozen retriever's loss is the paper's
+        frozen = tiny_model(vocab.size).eval()
+        assert frozen(batch, retriever_signal="candidates")["loss"] == pytest.approx(frozen(batch)["loss"].item())

@@ -49,6 +49,7 @@ class MaskingConfig:
 
 POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
 READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
+RETRIEVER_SIGNALS = ("marginal", "candidates")  # trainer.model.REALM.forward: what the towers learn from
 
 
 @dataclass
@@ -92,6 +93,8 @@ class PretrainConfig:
     lr: float = 5e-5
     head_lr: float = 1e-3          # freshly initialized heads (FRESH_HEADS: MLM, copy) + null score
     retriever_lr: float = 1e-5     # query/doc encoders: lower, so a still-ignorant reader cannot wreck them
+    retriever_signal: str = "marginal"  # the towers learn from p(y|x) over top-k and the null doc (the paper), or
+    #                                     "candidates": from how the retrieved blocks rank against each other
     freeze_retriever_steps: int = 0  # train only the reader first (its gradients carry no signal for z yet)
     # The first N (<= freeze_retriever_steps) steps read the sentence's own block alone (no search), so the
     # reader learns to copy from z before the retriever learns from it (with a frozen retriever the trivial
@@ -325,6 +328,7 @@ def check_config(cfg: Config) -> None:
                "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                "model.pooling": (cfg.model.pooling, POOLINGS),
                "model.reader_head": (cfg.model.reader_head, READER_HEADS),
+               "pretrain.retriever_signal": (cfg.pretrain.retriever_signal, RETRIEVER_SIGNALS),
                "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
                "task": (cfg.task, ("mlm", "openqa")),
                "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),

@@ -22,7 +22,7 @@ from transformers import BertConfig, BertModel
 
 from indexer.io import InputError
 from indexer.tokenizer import minilm_dir
-from trainer.config import POOLINGS, READER_HEADS
+from trainer.config import POOLINGS, READER_HEADS, RETRIEVER_SIGNALS
 
 
 def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int = 128, num_heads: int = 2,
@@ -288,14 +288,29 @@ class REALM(nn.Module):
                                             b.reader_types.view(B * K, Lr), pos)
         return torch.cat([null.unsqueeze(1), cand.view(B, K, *cand.shape[1:])], dim=1)
 
-    def forward(self, b: RealmBatch, train_retriever: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, b: RealmBatch, train_retriever: bool = True, retriever_signal: str = "marginal"
+                ) -> dict[str, torch.Tensor]:
+        """`retriever_signal`: what the towers learn from (RETRIEVER_SIGNALS). "marginal": -log p(y|x) itself, the
+        null document among the candidates (the paper). "candidates": the reader and the null score still learn
+        from -log p(y|x), but the towers from -log Σ_{z ∈ top-k} p(y|z,x) p(z|x, z ≠ ∅) with the reader's
+        likelihoods held fixed. Its gradient on the candidates' scores sums to zero, so it only reorders them
+        by their usefulness: once p(∅|x) wins, the paper's gradient lowers every retrieved block at once, which
+        pushes the query away from its nearest neighbours, blocks that would help included."""
         scores = self.relevance(b, train_retriever)
         token_lp = self.token_log_probs(b)
         B, Z = scores.shape
         span_lp = span_log_prob(token_lp.flatten(0, 1), b.targets.repeat_interleave(Z, 0),
                                 b.target_mask.repeat_interleave(Z, 0).to(token_lp.dtype)).view(B, Z)
         log_lik = marginal_log_likelihood(scores, span_lp)
-        return {"loss": -log_lik.mean(), "log_likelihood": log_lik, "scores": scores,
+        loss = -log_lik.mean()
+        if retriever_signal not in RETRIEVER_SIGNALS:
+            raise InputError(f"retriever signal {retriever_signal!r}: expected one of {', '.join(RETRIEVER_SIGNALS)}")
+        if retriever_signal == "candidates" and train_retriever and torch.is_grad_enabled():
+            fixed_towers = torch.cat([scores[:, :1], scores[:, 1:].detach()], dim=1)
+            ranked = b.cand_valid.any(-1)  # a row without a candidate has nothing to reorder
+            among = marginal_log_likelihood(scores[ranked, 1:], span_lp[ranked, 1:].detach())
+            loss = -marginal_log_likelihood(fixed_towers, span_lp).mean() - among.sum() / B
+        return {"loss": loss, "log_likelihood": log_lik, "scores": scores,
                 "span_log_probs": span_lp, "token_log_probs": token_lp}
 
 

@@ -163,7 +163,7 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
         staleness = index_staleness(step, index.checkpoint_step, c.freeze_retriever_steps)
         totals["max_staleness"] = max(totals["max_staleness"], staleness)
         batch = D.collate_realm(queries, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
-        out = engine(batch, train_retriever=step > c.freeze_retriever_steps)
+        out = engine(batch, train_retriever=step > c.freeze_retriever_steps, retriever_signal=c.retriever_signal)
         norm = engine.step(out["loss"])
         window["tokens"] += int(batch.reader_mask.sum() + batch.query_mask.sum())
         window["examples"] += len(queries)
