@@ -296,20 +296,21 @@ class REALM(nn.Module):
         likelihoods held fixed. Its gradient on the candidates' scores sums to zero, so it only reorders them
         by their usefulness: once p(∅|x) wins, the paper's gradient lowers every retrieved block at once, which
         pushes the query away from its nearest neighbours, blocks that would help included."""
+        if retriever_signal not in RETRIEVER_SIGNALS:
+            raise InputError(f"retriever signal {retriever_signal!r}: expected one of {', '.join(RETRIEVER_SIGNALS)}")
         scores = self.relevance(b, train_retriever)
         token_lp = self.token_log_probs(b)
         B, Z = scores.shape
         span_lp = span_log_prob(token_lp.flatten(0, 1), b.targets.repeat_interleave(Z, 0),
                                 b.target_mask.repeat_interleave(Z, 0).to(token_lp.dtype)).view(B, Z)
-        log_lik = marginal_log_likelihood(scores, span_lp)
+        reorder = retriever_signal == "candidates" and train_retriever and torch.is_grad_enabled()
+        marginal_scores = torch.cat([scores[:, :1], scores[:, 1:].detach()], dim=1) if reorder else scores
+        log_lik = marginal_log_likelihood(marginal_scores, span_lp)
         loss = -log_lik.mean()
-        if retriever_signal not in RETRIEVER_SIGNALS:
-            raise InputError(f"retriever signal {retriever_signal!r}: expected one of {', '.join(RETRIEVER_SIGNALS)}")
-        if retriever_signal == "candidates" and train_retriever and torch.is_grad_enabled():
-            fixed_towers = torch.cat([scores[:, :1], scores[:, 1:].detach()], dim=1)
+        if reorder:
             ranked = b.cand_valid.any(-1)  # a row without a candidate has nothing to reorder
             among = marginal_log_likelihood(scores[ranked, 1:], span_lp[ranked, 1:].detach())
-            loss = -marginal_log_likelihood(fixed_towers, span_lp).mean() - among.sum() / B
+            loss = loss - among.sum() / B
         return {"loss": loss, "log_likelihood": log_lik, "scores": scores,
                 "span_log_probs": span_lp, "token_log_probs": token_lp}
 
