@@ -4,21 +4,65 @@
 Commands: prepare | ict | pretrain | finetune | evaluate | query | report. Every command reads
 from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
 question="..."; `report [RUN_DIR]` plots events.jsonl to RUN_DIR/report/*.png).
-Bad input exits with status 2 and one line naming the file:line or key.
+A command's result goes to stdout (one JSON object; query: the answer and its blocks), progress to
+stderr. Bad input exits with status 2 and one line naming the file:line or key.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-file weight-loading bars in every actor
+from core.env import set_offline_env
+
+set_offline_env()  # before transformers is imported anywhere: nothing is ever downloaded at run time
 
 COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "report")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
+
+
+def run_command(command: str, cfg) -> dict:
+    """The command's body, on the backend the config chooses; returns its result."""
+    if command == "pretrain" and cfg.cluster.backend == "ray":
+        from cluster.run import pretrain_on_ray
+
+        return pretrain_on_ray(cfg)
+    if command == "prepare":
+        from trainer.prepare import prepare
+
+        return prepare(cfg)
+    if command == "ict":
+        from trainer.ict import ict
+
+        return ict(cfg)
+    if command == "pretrain":
+        from trainer.pretrain import pretrain
+
+        return pretrain(cfg)
+    if command == "finetune":
+        from trainer.finetune import finetune
+
+        return finetune(cfg)
+    if command == "evaluate":
+        from trainer.evaluate import evaluate
+
+        return evaluate(cfg)
+    from trainer.qa_system import query
+
+    return query(cfg)
+
+
+def print_result(command: str, result: dict, as_json: bool) -> None:
+    if command == "query" and not as_json:
+        print(f"Q: {result['question']}\nA: {result['answer']}\n")
+        for i, blk in enumerate(result["blocks"], 1):
+            print(f"{i}. [{blk['score']:.2f}] {blk['title']}\n   {blk['snippet']}")
+        print(f"\n(load {result['load_seconds']} s, query {result['query_seconds']} s)", file=sys.stderr)
+    elif command == "evaluate":
+        print(json.dumps(result, indent=2))
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "refresh_history"}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,30 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_intermixed_args(argv)  # options may follow the command or the overrides
 
-    from indexer.io import InputError
-    from trainer.config import load_config
+    from cluster.config import load_config
+    from core.errors import InputError
+    from core.logs import setup_logging
 
+    setup_logging()
     try:
         if args.command == "report":
             from trainer.report import report
 
             run_dirs = [o for o in args.overrides if "=" not in o]
             cfg = load_config(args.config, [o for o in args.overrides if "=" in o])
-            report(run_dirs[0] if run_dirs else cfg.run_dir)
+            for path in report(run_dirs[0] if run_dirs else cfg.run_dir).values():
+                print(f"report: {path}")
             return 0
         cfg = load_config(args.config, args.overrides)
-        from trainer import finetune, loop, pretrain
-
-        if args.command == "pretrain":
-            pretrain.pretrain(cfg)
-        elif args.command == "finetune":
-            finetune.finetune(cfg)
-        elif args.command == "query":
-            finetune.query(cfg, as_json=args.json)
-        elif args.command == "evaluate" and cfg.task == "openqa":
-            finetune.evaluate_openqa(cfg)
-        else:
-            getattr(loop, args.command)(cfg)
+        print_result(args.command, run_command(args.command, cfg), args.json)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,11 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Offline and quiet by default: benchmarks never reach a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from core.env import set_offline_env  # noqa: E402
+
+set_offline_env()  # benchmarks never reach a model hub
 
 
 def _threads_from_argv(argv: list[str]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, add_common_args, apply_common_args, print_table, write_results  # noqa: E402
+from core.env import OFFLINE_ENV  # noqa: E402
 from trainer.config import SMOKE_RUN  # noqa: E402
 
 SMOKE = [*SMOKE_RUN, "pretrain.batch_size=4", "pretrain.steps=8", "refresh.every_steps=2", "finetune.steps=4",
@@ -39,7 +40,7 @@ def main(argv=None) -> list[dict]:
     overrides = [*(SMOKE if a.smoke else []), *a.overrides, f"run_dir={run_dir}"]
     if a.threads:
         overrides.append(f"threads={a.threads}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, **OFFLINE_ENV)
     rows, total = [], 0.0
     try:
         for command, extra in STAGES:

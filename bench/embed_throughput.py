@@ -33,7 +33,8 @@ from bench.common import (  # noqa: E402
     time_fn,
     write_results,
 )
-from trainer.model import Tower, build_bert  # noqa: E402
+from trainer.bert import init_bert  # noqa: E402
+from trainer.model import Tower  # noqa: E402
 
 VOCAB = 30522  # the uncased BERT / MiniLM vocabulary the project tokenizes with
 
@@ -94,7 +95,7 @@ def variants(a: argparse.Namespace) -> list[dict]:
 
 def build_towers(a: argparse.Namespace) -> dict[tuple[str, str], Tower]:
     """One doc tower per (weights dtype, attention implementation), same weights, eval mode."""
-    bert = build_bert(a.init, VOCAB, a.layers, a.hidden, a.heads, a.intermediate)
+    bert = init_bert(a.init, VOCAB, a.layers, a.hidden, a.heads, a.intermediate)
     base = Tower(bert, a.dim).eval().to(a.device)
     towers = {}
     for attn in ("eager", "sdpa"):

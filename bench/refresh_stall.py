@@ -48,9 +48,11 @@ def main(argv=None) -> list[dict]:
     apply_common_args(a)
     import ray
 
+    from cluster.config import load_config
     from cluster.run import connect, pretrain_on_ray
-    from trainer import loop
-    from trainer.config import load_config
+    from indexer.blocks import BlockStore
+    from trainer.ict import ict
+    from trainer.prepare import prepare
 
     steps, every = (6, 2) if a.smoke else (a.steps, a.every)
     # The retriever trains from the first step: refreshes are skipped while it is frozen.
@@ -61,9 +63,9 @@ def main(argv=None) -> list[dict]:
         overrides.append(f"threads={a.threads}")
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="refresh-stall-"))
     base = load_config(a.config, [*overrides, f"run_dir={work / 'base'}"])
-    loop.prepare(base)
-    loop.ict(base)
-    n_blocks = len(loop.BlockStore(work / "base" / "blocks"))
+    prepare(base)
+    ict(base)
+    n_blocks = len(BlockStore(work / "base" / "blocks"))
     connect(base)  # one Ray session for both modes: actor start-up is not part of either
     rows = []
     try:

@@ -26,17 +26,23 @@ from bench.common import ROOT, markdown_table, write_results  # noqa: E402  (set
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cluster.config import Config, load_config  # noqa: E402
+from core.errors import InputError  # noqa: E402
 from indexer.blocks import BlockStore  # noqa: E402
 from indexer.embed import embed_blocks, pad_batch  # noqa: E402
-from indexer.io import InputError  # noqa: E402
 from indexer.shards import ShardedIndex  # noqa: E402
 from indexer.versions import IndexVersions  # noqa: E402
+from trainer.bert import bert_factory  # noqa: E402
 from trainer.checkpoint import load_model  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
-from trainer.finetune import QASystem, answer_questions, qa_file  # noqa: E402
-from trainer.loop import Run  # noqa: E402
 from trainer.model import REALM, build_realm  # noqa: E402
-from trainer.qa import QAExample, answer_in_text, read_qa  # noqa: E402
+from trainer.qa import (  # noqa: E402
+    QAExample,
+    answer_in_text,
+    qa_file,  # noqa: E402
+    read_qa,
+)
+from trainer.qa_system import QASystem, answer_questions  # noqa: E402
+from trainer.run import Run  # noqa: E402
 
 MAX_K = 20
 REPORT_KS = (1, 5, 20)
@@ -74,7 +80,8 @@ def bm25_ranking(store: BlockStore, questions: list[str], k: int) -> np.ndarray:
 def off_the_shelf(cfg: Config, vocab_size: int) -> REALM:
     """`model.init` as sentence-transformers uses it: every layer, mean-pooled, no projection (untrained)."""
     m = cfg.model
-    model = build_realm(m.init, vocab_size, 0, 0, m.hidden_size, m.num_heads, m.intermediate_size, pooling="mean")
+    make_bert = bert_factory(m.init, vocab_size, m.hidden_size, m.num_heads, m.intermediate_size)
+    model = build_realm(make_bert, 0, 0, pooling="mean")
     for tower in (model.retriever.query_tower, model.retriever.doc_tower):
         tower.proj = torch.nn.Identity()
     return model

@@ -1,6 +1,6 @@
 """REALM pre-training step throughput at k=8 candidates + the null document, split into its parts.
 
-One step, as trainer/loop.py's pretrain() runs it (the batch is synthesized, so data loading and
+One step, as trainer/pretrain.py's train_loop runs it (the batch is synthesized, so data loading and
 collation are not measured):
   (a) retrieval     query embedding (no grad) + ShardedIndex search over N random embeddings
   (b) re-encode     model.relevance: query tower + doc tower over the K candidates (with grad)
@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from bench.topk import TorchTopK  # noqa: E402
+from trainer.bert import bert_factory  # noqa: E402
 from trainer.engine import TorchEngine, param_groups  # noqa: E402
 from trainer.model import REALM, RealmBatch, build_realm  # noqa: E402
 from trainer.pretrain import FRESH_HEADS  # noqa: E402
@@ -209,7 +210,8 @@ def bench_batch(a: argparse.Namespace, model: REALM, engine: TorchEngine, index,
 def main(argv: list[str] | None = None) -> list[dict]:
     a = parse_args(argv)
     torch.manual_seed(0)
-    model = build_realm(a.init, VOCAB, a.layers, a.reader_layers, a.hidden, a.heads, a.intermediate, a.dim)
+    make_bert = bert_factory(a.init, VOCAB, a.hidden, a.heads, a.intermediate)
+    model = build_realm(make_bert, a.layers, a.reader_layers, a.dim)
     model.to(a.device).train()
     if a.bf16w:
         model.to(torch.bfloat16)

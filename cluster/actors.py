@@ -27,21 +27,23 @@ class ShardServer:
     so queries on the old version are answered while the new one loads (threaded actor)."""
 
     def __init__(self, index_root: str, shard: int, num_shards: int, use_gpu: bool = False):
+        from core.logs import setup_logging
+        from indexer.versions import IndexVersions
+
+        setup_logging()
         self.root, self.shard, self.num_shards, self.use_gpu = Path(index_root), shard, num_shards, use_gpu
         self.by_version: dict = {}
-        from indexer.versions import IndexVersions
 
         current = IndexVersions(self.root).current()  # a restarted shard comes back with CURRENT
         if current is not None:
             self.load(str(current.path))
 
     def load(self, version_dir: str) -> dict:
-        from indexer.shards import make_shard
+        from indexer.shards import make_shard, shard_bounds
         from indexer.versions import IndexVersions
 
         v = IndexVersions(self.root).open(version_dir)
-        bounds = np.linspace(0, v.rows, self.num_shards + 1).astype(int)
-        lo, hi = int(bounds[self.shard]), int(bounds[self.shard + 1])
+        lo, hi = shard_bounds(v.rows, self.num_shards)[self.shard]
         shard = make_shard(IndexVersions.load_rows(v, lo, hi), lo, self.use_gpu)
         keep = {ver: s for ver, s in self.by_version.items() if ver >= v.version - 1}
         keep[v.version] = shard
@@ -157,9 +159,11 @@ class EmbeddingWorker:
     def __init__(self, run_dir: str, threads: int, batch_size: int, device: str):
         import torch
 
+        from core.logs import setup_logging
         from indexer.blocks import BlockStore
         from indexer.tokenizer import Vocab, load_tokenizer
 
+        setup_logging()
         if threads > 0:
             torch.set_num_threads(threads)
         self.store = BlockStore(Path(run_dir) / "blocks")
@@ -190,7 +194,7 @@ class EmbeddingWorker:
 
 
 class ServiceIndex:
-    """The trainer's view of the index in the cluster path (see trainer/pretrain.py): top-k from
+    """The cluster's `trainer.index_client.IndexClient`: top-k from
     the shard service; a refresh is only a publish, plus a wait when the index falls more than
     `refresh.max_staleness` steps behind, or always in `refresh.mode=sync` (the baseline)."""
 
@@ -243,7 +247,7 @@ class ServiceIndex:
         return scores, ids
 
     def staleness(self, step: int, index_step: int) -> int:
-        from trainer.pretrain import index_staleness
+        from trainer.index_client import index_staleness
 
         return index_staleness(step, index_step, self.frozen_steps)
 
@@ -253,7 +257,7 @@ class ServiceIndex:
         return self._wait_for(step - self.max_staleness)
 
     def after_step(self, model, step: int) -> float:
-        from trainer.pretrain import refresh_due
+        from trainer.index_client import refresh_due
 
         if not refresh_due(step, self.every, self.total, self.frozen_steps):
             return 0.0
@@ -270,6 +274,9 @@ class TrainerWorker:
     """One data-parallel rank: DeepSpeed engine around the REALM model, the shared train loop."""
 
     def __init__(self, cfg, rank: int, world: int):
+        from core.logs import setup_logging
+
+        setup_logging(rank=rank)
         self.cfg, self.rank, self.world = cfg, rank, world
 
     def endpoint(self) -> tuple[str, int]:
@@ -280,37 +287,31 @@ class TrainerWorker:
             return host, s.getsockname()[1]
 
     def train(self, master: tuple[str, int, str | None], service) -> dict:
-        import torch
-
         from trainer.engine import DeepSpeedEngine, init_distributed
-        from trainer.loop import Run, check_k, initial_model
         from trainer.metrics import MetricsLogger
-        from trainer.pretrain import build_optimizer_groups, train_loop
+        from trainer.pretrain import build_optimizer_groups, setup, train_loop
+        from trainer.run import pick_device
 
         cfg, cc = self.cfg, self.cfg.cluster
-        run = Run.open(cfg)
-        check_k(cfg.retrieval.k, run.store, "retrieval.k")
-        on_gpu = run.device.type == "cuda"
+        on_gpu = pick_device(cfg).type == "cuda"
         backend = cc.dist_backend if cc.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
         init_distributed(self.rank, self.world, *master[:2], backend, store_file=master[2])
-        torch.manual_seed(cfg.seed)
-        model, meta = initial_model(run)
-        model.to(run.device).train()
+        run, model, meta = setup(cfg)
         initial_id = meta.get("doc_encoder_id", "")
         bf16 = cc.bf16 == "true" or (cc.bf16 == "auto" and on_gpu)
         p = cfg.pretrain
         engine = DeepSpeedEngine(model, build_optimizer_groups(model, cfg), p.steps, p.warmup_steps, p.grad_clip,
                                  p.batch_size // self.world, self.world, cc.zero_stage, bf16)
-        log = MetricsLogger(run.dir, "pretrain", cfg) if self.rank == 0 else None
+        metrics = MetricsLogger(run.dir, "pretrain", cfg) if self.rank == 0 else None
         try:
             def make_index(m, run_id: str, start: int) -> ServiceIndex:
                 return ServiceIndex(service, run, m, run_id, start, self.rank, initial_id)
 
-            return train_loop(run, engine.module, engine, make_index, log, self.rank, self.world,
+            return train_loop(run, engine.module, engine, make_index, metrics, self.rank, self.world,
                               init=meta.get("stage", ""))
         finally:
-            if log is not None:
-                log.close()
+            if metrics is not None:
+                metrics.close()
 
     def pid(self) -> int:
         return os.getpid()

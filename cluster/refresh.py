@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from core.logs import setup_logging
+from indexer.shards import shard_bounds
 from indexer.versions import IndexVersions
 from trainer.checkpoint import step_dirs
 from trainer.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote
 class RefreshCoordinator:
     def __init__(self, run_dir: str, workers: list, service, num_slices: int, keep_versions: int,
                  poll_seconds: float, max_attempts: int = 3):
+        setup_logging()
         self.run_dir = Path(run_dir)
         self.versions = IndexVersions(self.run_dir / "index")
         self.workers, self.service = workers, service
@@ -58,7 +63,7 @@ class RefreshCoordinator:
                 except Exception as e:  # a damaged publish must not stop later refreshes
                     self.last_step = step
                     self.log.log(step, error=f"{type(e).__name__}: {e}"[:500])
-                    print(f"refresh of {path} failed, skipped: {type(e).__name__}: {e}", flush=True)
+                    log.error("refresh of %s failed, skipped: %s: %s", path, type(e).__name__, e)
             else:
                 await asyncio.sleep(self.poll)
 
@@ -68,10 +73,9 @@ class RefreshCoordinator:
         rows = self._rows()
         version = self.versions.next_version()
         staging = self.versions.staging_dir(version)
-        bounds = np.linspace(0, rows, self.num_slices + 1).astype(int)
         reassigned = await asyncio.gather(*[
-            self._embed(i, str(published), str(staging), int(bounds[i]), int(bounds[i + 1]))
-            for i in range(self.num_slices)])
+            self._embed(i, str(published), str(staging), lo, hi)
+            for i, (lo, hi) in enumerate(shard_bounds(rows, self.num_slices))])
         seconds = time.perf_counter() - t0
         v = self.versions.commit(version, step, self.num_slices, rows, extra={
             "doc_encoder_id": doc_encoder_id, "refresh_seconds": seconds, "blocks_per_s": rows / seconds})

@@ -9,10 +9,8 @@ rendezvous); embedding workers and shard servers are ordinary actors that Ray re
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,14 +20,15 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import EmbeddingWorker, ShardServer, ShardService, TrainerWorker
+from cluster.config import Config
 from cluster.refresh import RefreshCoordinator
-from indexer.io import InputError, atomic_write_json
+from core.env import OFFLINE_ENV
+from core.errors import InputError
+from core.files import atomic_write_json
 from indexer.versions import IndexVersions
-from trainer.config import Config
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "TRANSFORMERS_VERBOSITY": "error"}
+RELEASE_TIMEOUT_S = 60.0     # an earlier launch's actors still being torn down
+PLACEMENT_TIMEOUT_S = 600.0  # all trainer ranks placed, or none
 
 
 def actor_env(cfg: Config, gpus: float) -> dict:
@@ -75,11 +74,11 @@ def actor_name(role: str, cfg: Config) -> str:
     return f"realm-{role}:{Path(cfg.run_dir).resolve()}"
 
 
-def release_names(cfg: Config, timeout_s: float = 60.0) -> None:
+def release_names(cfg: Config) -> None:
     """Kill actors a previous launch on this run dir left behind (e.g. a killed trainer still being
     torn down), so that this launch can take their names."""
     suffix = f":{Path(cfg.run_dir).resolve()}"
-    deadline = time.time() + timeout_s
+    deadline = time.time() + RELEASE_TIMEOUT_S
     while stale := [n for n in ray.util.list_named_actors() if n.startswith("realm-") and n.endswith(suffix)]:
         for name in stale:
             try:
@@ -109,14 +108,14 @@ def start_index_actors(cfg: Config) -> tuple[list, object, list, object]:
     return shards, service, workers, coordinator
 
 
-def start_trainers(cfg: Config, timeout_s: float = 600) -> tuple[list, object]:
+def start_trainers(cfg: Config) -> tuple[list, object]:
     cc = cfg.cluster
     bundle = {"CPU": cc.trainer_cpus, **({"GPU": cc.trainer_gpus} if cc.trainer_gpus else {})}
     pg = placement_group([bundle] * cc.trainers, strategy="PACK")
-    if not pg.wait(timeout_s):
+    if not pg.wait(PLACEMENT_TIMEOUT_S):
         remove_placement_group(pg)
         raise InputError(f"config keys 'cluster.trainers'/'cluster.trainer_*': {cc.trainers} x {bundle} "
-                         f"could not be placed on this Ray cluster within {timeout_s:.0f} s")
+                         f"could not be placed on this Ray cluster within {PLACEMENT_TIMEOUT_S:.0f} s")
     trainers = [TrainerWorker.options(num_cpus=cc.trainer_cpus, num_gpus=cc.trainer_gpus,
                                       runtime_env=actor_env(cfg, cc.trainer_gpus), name=actor_name(f"trainer-{i}", cfg),
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
@@ -156,5 +155,4 @@ def pretrain_on_ray(cfg: Config) -> dict:
                "trainers": cfg.cluster.trainers, "embedding_workers": cfg.cluster.embedding_workers,
                "shards": cfg.cluster.shards}
     atomic_write_json(Path(cfg.run_dir) / "pretrain_summary.json", summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "refresh_history"}), file=sys.stdout, flush=True)
     return summary

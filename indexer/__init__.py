@@ -1,1 +1,2 @@
-"""Everything about blocks, embeddings and top-k: block store, embedding, index versions, shards."""
+"""Everything about blocks, embeddings and top-k: tokenizer, block store, synthetic corpus, embedding,
+index versions and shards. No gradients and no training: trainer/ calls in, never the reverse."""

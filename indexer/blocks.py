@@ -18,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from indexer.io import InputError, atomic_dir, read_records, require_str, verify_manifest, write_manifest
+from core.errors import InputError
+from core.files import atomic_dir, verify_manifest, write_manifest
+from core.records import read_records, require_str
 from indexer.tokenizer import Vocab, copy_vocab, load_tokenizer
 
 BLOCK_SCHEMA = pa.schema([

@@ -19,10 +19,10 @@ def gpu_available() -> bool:
     return faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-# On CPU, faiss's flat search keeps a k-heap per query that costs ~20 ns per score once batches reach
-# 16 queries (2 cores, B = 512: 1.4 s over 1e5 rows, numpy brute force 0.39 s); there the torch search
-# of indexer.torch_search over faiss's own copy of the rows takes 0.14 s. Below about a million
-# scores a call faiss is as fast (bench/RESULTS.md).
+# On CPU, faiss's flat search keeps a k-heap per query, which dominates once batches reach 16
+# queries; there the torch search of indexer.torch_search over faiss's own copy of the rows is
+# several times faster. Below about a million scores a call faiss is as fast (bench/topk.py,
+# figures in bench/RESULTS.md).
 TORCH_MIN_BATCH, TORCH_MIN_SCORES = 16, 1 << 20
 
 
@@ -61,6 +61,13 @@ class FlatShard:
             scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
         return scores, ids
+
+
+def shard_bounds(rows: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of `parts` near-equal consecutive slices of `rows` rows: the one split for
+    index shards (ShardedIndex, cluster ShardServer) and refresh slices (cluster RefreshCoordinator)."""
+    bounds = np.linspace(0, rows, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def make_shard(embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
@@ -125,8 +132,7 @@ class ShardedIndex:
 
     def __init__(self, embeddings: np.ndarray, num_shards: int = 1, version: int = 0, checkpoint_step: int = 0,
                  use_gpu: bool | None = None):
-        bounds = np.linspace(0, len(embeddings), num_shards + 1).astype(int)
-        self.shards = [make_shard(embeddings[a:b], int(a), use_gpu) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.shards = [make_shard(embeddings[a:b], a, use_gpu) for a, b in shard_bounds(len(embeddings), num_shards)]
         self.rows = len(embeddings)
         self.embeddings = embeddings  # [rows, dim] float32, kept for re-scoring with a frozen doc tower
         self.version, self.checkpoint_step = version, checkpoint_step

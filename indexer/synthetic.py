@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.io import atomic_write_bytes
+from core.files import atomic_write_bytes
 
 SYLLABLES = ["ka", "lo", "mer", "vin", "tra", "dus", "pel", "qua", "ro", "zen", "bal", "fi", "gor", "hu", "ix",
              "jo", "nar", "os", "ul", "wy", "sel", "tam", "bri", "cor", "dra", "eth", "fen", "gla", "ith", "mon"]

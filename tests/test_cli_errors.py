@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from indexer.io import InputError
+from cluster.config import load_config, valid_keys
+from core.env import OFFLINE_ENV
+from core.errors import InputError
 from tests.conftest import ROOT, write_jsonl
-from trainer.config import load_config, valid_keys
 
 GOOD = {"id": "a", "title": "T", "text": "Alice went to Paris in 1990."}
 
 
 def launch(*args, cwd=None, **popen):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **OFFLINE_ENV}
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300, **popen)
 

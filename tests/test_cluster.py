@@ -6,13 +6,15 @@ is refreshed asynchronously while training goes on.
 import copy
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import ray
 
 from cluster.run import pretrain_on_ray, start_index_actors
 from indexer.versions import IndexVersions
-from trainer import loop
+from trainer.ict import ict
+from trainer.prepare import prepare
 
 
 def flat_topk(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -27,8 +29,8 @@ def test_async_refresh_on_ray_with_deepspeed_trainers(local_ray, tiny_cfg):
                    "refresh.every_steps=2", "refresh.max_staleness=3", "refresh.mode=async",
                    "pretrain.checkpoint_every=4", "cluster.backend=ray", "cluster.trainers=2",
                    "cluster.embedding_workers=2", "cluster.shards=2", "cluster.poll_seconds=0.1", "threads=1")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     summary = pretrain_on_ray(cfg)
 
     # at least 3 refreshes completed during training, each one a complete committed version
@@ -44,8 +46,8 @@ def test_async_refresh_on_ray_with_deepspeed_trainers(local_ray, tiny_cfg):
     assert versions == sorted(versions) and versions[-1] > versions[0]
     assert all(np.isfinite(e["loss"]) and 0 <= e["mlm_accuracy"] <= 1 for e in train)
     # the run left a final model, resumable training states and nothing half-written
-    assert (loop.Path(cfg.run_dir) / "models" / "realm" / "manifest.json").is_file()
-    ckpts = sorted(p.name for p in (loop.Path(cfg.run_dir) / "checkpoints").iterdir())
+    assert (Path(cfg.run_dir) / "models" / "realm" / "manifest.json").is_file()
+    ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").iterdir())
     assert ckpts == ["step_4", "step_8"]
     index = IndexVersions(f"{cfg.run_dir}/index")
     assert not list(index.root.glob(".staging-*")) and not list(index.root.glob(".tmp-*"))
@@ -66,8 +68,8 @@ def test_async_refresh_on_ray_with_deepspeed_trainers(local_ray, tiny_cfg):
 
 def test_shard_service_equals_flat_index_and_swaps_atomically(local_ray, tiny_cfg):
     cfg = tiny_cfg("ict.steps=1", "cluster.backend=ray", "cluster.shards=3", "cluster.embedding_workers=2")
-    loop.prepare(cfg)
-    loop.ict(cfg)  # publishes v1
+    prepare(cfg)
+    ict(cfg)  # publishes v1
     versions = IndexVersions(f"{cfg.run_dir}/index")
     v1 = versions.current()
     emb1 = IndexVersions.load_rows(v1)

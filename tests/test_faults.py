@@ -13,7 +13,8 @@ import ray
 from cluster.run import actor_name, pretrain_on_ray
 from indexer.versions import IndexVersions
 from tests.conftest import pretrain_losses
-from trainer import loop
+from trainer.ict import ict
+from trainer.prepare import prepare
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,8 +64,8 @@ def test_killing_an_embedding_worker_mid_refresh_loses_nothing(local_ray, tiny_c
                    "cluster.backend=ray", "cluster.embedding_workers=2", "cluster.slices=12",
                    "cluster.embed_batch_size=1", "cluster.poll_seconds=0.05", "pretrain.checkpoint_every=1000",
                    "threads=1")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     thread, out = run_in_thread(cfg)
     coordinator = actor("refresh", cfg)
     index_root = Path(cfg.run_dir) / "index"
@@ -93,8 +94,8 @@ def test_killing_a_shard_server_mid_training_recovers(local_ray, tiny_cfg):
     cfg = tiny_cfg("ict.steps=1", "pretrain.steps=16", "pretrain.log_every=1", "refresh.every_steps=4",
                    "refresh.max_staleness=8", "cluster.backend=ray", "cluster.shards=2",
                    "pretrain.checkpoint_every=1000", "threads=1")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     thread, out = run_in_thread(cfg)
     service = actor("shards", cfg)
     events_path = Path(cfg.run_dir) / "events.jsonl"
@@ -121,8 +122,8 @@ def test_killed_deepspeed_trainer_resumes_with_the_same_pretrain_losses(local_ra
 
     base = tiny_cfg("ict.steps=1", "pretrain.steps=10", "pretrain.log_every=1", "refresh.every_steps=2",
                     "refresh.mode=sync", "pretrain.checkpoint_every=2", "cluster.backend=ray", "threads=1")
-    loop.prepare(base)
-    loop.ict(base)
+    prepare(base)
+    ict(base)
     runs = {}
     for name in ("a", "b"):
         runs[name] = copy.deepcopy(base)

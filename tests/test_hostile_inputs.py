@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.io import write_manifest
+from core.files import write_manifest
 from tests.conftest import TINY_MODEL, write_jsonl
 from tests.test_cli_errors import GOOD, launch
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from indexer.io import InputError
+from core.errors import InputError
 from indexer.shards import FlatShard, ShardedIndex, merge_topk
 from indexer.versions import IndexVersions
 

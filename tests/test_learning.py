@@ -9,10 +9,12 @@ import json
 
 import pytest
 
+from cluster.config import load_config
+from launch import run_command
 from tests.conftest import ROOT
-from trainer import loop
-from trainer.config import load_config
-from trainer.pretrain import pretrain
+from trainer.evaluate import evaluate
+from trainer.ict import ict
+from trainer.prepare import prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # setup.cfg's 1200 s default is for the rest
 
@@ -21,14 +23,14 @@ def test_realm_learns_to_retrieve_and_read_synthetic_knowledge(tmp_path):
     def cfg(*extra):
         return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", *extra])
 
-    loop.prepare(cfg())
-    loop.ict(cfg())
-    ict = loop.evaluate(cfg("eval.model=ict"))
-    pretrain(cfg())  # as `launch.py pretrain` runs it: tiny.yaml's cluster.backend, Ray + DeepSpeed
-    realm = loop.evaluate(cfg("eval.model=realm"))
-    print(json.dumps({"ict": ict, "realm": realm}, indent=2))
+    prepare(cfg())
+    ict(cfg())
+    ict_metrics = evaluate(cfg("eval.model=ict"))
+    run_command("pretrain", cfg())  # as `launch.py pretrain` runs it: tiny.yaml's cluster.backend, Ray + DeepSpeed
+    realm = evaluate(cfg("eval.model=realm"))
+    print(json.dumps({"ict": ict_metrics, "realm": realm}, indent=2))
 
-    chance = ict["k"] / cfg().data.synthetic_entities  # one gold document among single-block documents
-    assert ict["retrieval_recall_at_k"] > 10 * chance
-    assert realm["retrieval_recall_at_k"] > ict["retrieval_recall_at_k"]
+    chance = ict_metrics["k"] / cfg().data.synthetic_entities  # one gold document among single-block documents
+    assert ict_metrics["retrieval_recall_at_k"] > 10 * chance
+    assert realm["retrieval_recall_at_k"] > ict_metrics["retrieval_recall_at_k"]
     assert realm["mlm_accuracy"] >= realm["mlm_accuracy_no_retrieval"] + 0.3

@@ -2,7 +2,8 @@
 import json
 from pathlib import Path
 
-from trainer import loop
+from trainer.ict import ict
+from trainer.prepare import prepare
 from trainer.pretrain import pretrain
 from trainer.report import report
 
@@ -14,8 +15,8 @@ def test_wandb_offline_and_report_without_leaking_the_key(tiny_cfg, monkeypatch)
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = tiny_cfg("ict.steps=2", "pretrain.steps=3", "refresh.every_steps=2", "pretrain.log_every=1",
                    "wandb.enabled=true", "wandb.mode=offline")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     pretrain(cfg)
     run_dir = Path(cfg.run_dir)
     runs = list((run_dir / "wandb").glob("offline-run-*"))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.bert import bert_factory
 from trainer.data import Example, collate_realm, mask_example
 from trainer.model import build_realm, marginal_log_likelihood, span_log_prob
 
@@ -59,7 +60,7 @@ def small_realm_batch(tmp_path_factory):
 
 def tiny_model(vocab_size):
     torch.manual_seed(0)
-    return build_realm("random", vocab_size, 1, 1, 32, 2, 64, 16)
+    return build_realm(bert_factory("random", vocab_size, 32, 2, 64), 1, 1, 16)
 
 
 def test_forward_matches_brute_force_per_candidate_computation(small_realm_batch):
@@ -129,7 +130,7 @@ def test_copy_head_mixes_a_pointer_into_z_with_the_vocabulary_against_brute_forc
     """p(w) = g p_vocab(w) + (1 - g) Σ_{i in z, token_i = w} a_i, computed token by token; without z
     (the null document's input) it is the MLM head's distribution."""
     torch.manual_seed(0)
-    reader = build_realm("random", 50, 1, 1, 32, 2, 64, 16, reader_head="copy").reader.eval()
+    reader = build_realm(bert_factory("random", 50, 32, 2, 64), 1, 1, 16, reader_head="copy").reader.eval()
     ids = torch.randint(5, 50, (3, 10))
     ids[0, 6] = ids[0, 8]                      # a word twice in z: its pointer mass adds up
     types = torch.zeros_like(ids)

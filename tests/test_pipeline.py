@@ -5,21 +5,26 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.io import InputError
+from core.errors import InputError
 from indexer.versions import IndexVersions
-from trainer import loop
 from trainer.checkpoint import load_model, save_model
-from trainer.pretrain import pretrain
+from trainer.evaluate import evaluate
+from trainer.ict import ict
+from trainer.index_client import refresh_index, retrieve
+from trainer.model_init import fresh_model
+from trainer.prepare import prepare
+from trainer.pretrain import pretrain, sample_queries
+from trainer.run import Run
 
 
 def test_commands_chain_through_the_run_directory(tiny_cfg):
     cfg = tiny_cfg("ict.steps=3", "pretrain.steps=4", "refresh.every_steps=2", "pretrain.log_every=1",
                    "data.max_eval_examples=12")
-    summary = loop.prepare(cfg)
+    summary = prepare(cfg)
     assert summary["num_docs"] == 40 and summary["train_examples"] > 0
-    loop.ict(cfg)
+    ict(cfg)
     pretrain(cfg)
-    metrics = loop.evaluate(cfg)
+    metrics = evaluate(cfg)
     run = cfg.run_dir
     assert json.loads(open(f"{run}/metrics.json").read()) == metrics
     assert metrics["n"] == 12 and metrics["k"] == 3
@@ -36,7 +41,7 @@ def test_commands_chain_through_the_run_directory(tiny_cfg):
     assert [e["staleness"] for e in steps] == [1, 2, 1, 2]
     assert metrics["index_version"] == 3
     # a second evaluate finds the index built by this very model and does not re-embed
-    assert loop.evaluate(cfg)["index_version"] == 3
+    assert evaluate(cfg)["index_version"] == 3
 
 
 def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
@@ -45,8 +50,8 @@ def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
     overrides = ("ict.steps=2", "pretrain.steps=6", "refresh.every_steps=2", "pretrain.log_every=1",
                  "pretrain.freeze_retriever_steps=3")
     cfg = tiny_cfg(*overrides, "model.reader_head=mlm")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     # pre-training with the copy head starts from an ICT checkpoint written with the MLM head alone
     cfg = tiny_cfg(*overrides, "model.reader_head=copy")
     pretrain(cfg)
@@ -73,13 +78,13 @@ def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cf
 
     cfg = tiny_cfg("data.pretrain=", "data.eval=", "masking.ner=regex", "pretrain.steps=3", "pretrain.log_every=1",
                    "pretrain.freeze_retriever_steps=2", "pretrain.own_block_steps=2")
-    loop.prepare(cfg)
+    prepare(cfg)
     pretrain(cfg)
     steps = [e for e in map(json.loads, open(f"{cfg.run_dir}/events.jsonl")) if e["job"] == "pretrain"]
     assert [e["span_in_topk"] for e in steps[:2]] == [1.0, 1.0]
-    run = loop.Run.open(cfg)
+    run = Run.open(cfg)
     train = read_examples(f"{cfg.run_dir}/examples/train.parquet")
-    queries = loop.sample_queries(train, run, 8, np.random.default_rng(0))
+    queries = sample_queries(train, run, 8, np.random.default_rng(0))
     own = own_blocks(queries)
     assert own.tolist() == [[q.exclude_blocks[0]] for q in queries]
     # the masked tokens are always in the own block (the sentence came from it); the metric sees them
@@ -92,10 +97,11 @@ def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cf
 
 @pytest.mark.parametrize("reader_head", ["mlm", "copy"])
 def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path, reader_head):
+    from trainer.bert import bert_factory
     from trainer.model import build_realm
 
     torch.manual_seed(0)
-    model = build_realm("random", 30522, 1, 1, 32, 2, 64, 16, reader_head=reader_head)
+    model = build_realm(bert_factory("random", 30522, 32, 2, 64), 1, 1, 16, reader_head=reader_head)
     save_model(model, tmp_path / "m", step=7)
     loaded, meta = load_model(tmp_path / "m")
     assert meta["step"] == 7 and loaded.reader.head == reader_head
@@ -112,24 +118,24 @@ def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path, reader_hea
 
 def test_k_larger_than_corpus_is_refused(tiny_cfg):
     cfg = tiny_cfg("retrieval.k=100000")
-    loop.prepare(cfg)
+    prepare(cfg)
     with pytest.raises(InputError, match="'retrieval.k': k=100000 is larger than the corpus"):
         pretrain(cfg)
 
 
 def test_corpus_sentences_exclude_their_own_block(tiny_corpus, tiny_cfg):
     cfg = tiny_cfg("data.pretrain=", "data.eval=", "masking.ner=regex")
-    loop.prepare(cfg)
+    prepare(cfg)
     from trainer.data import read_examples
 
     train = read_examples(f"{cfg.run_dir}/examples/train.parquet")
     assert train and all(len(ex.exclude_blocks) == 1 and not ex.gold_blocks for ex in train)
-    run = loop.Run.open(cfg)
+    run = Run.open(cfg)
     assert all(ex.text in run.store.text(ex.exclude_blocks[0]) for ex in train[:50])
     rng = np.random.default_rng(0)
-    model = loop.fresh_model(cfg, run.vocab.size).eval()
-    index = loop.refresh_index(run, model, 0, "x")
-    queries = loop.sample_queries(train, run, 16, rng)
-    _, cand = loop.retrieve(model, index, run, queries, cfg.retrieval.k)
+    model = fresh_model(cfg, run.vocab.size).eval()
+    index = refresh_index(run, model, 0, "x")
+    queries = sample_queries(train, run, 16, rng)
+    _, cand = retrieve(model, index, run, queries, cfg.retrieval.k)
     for q, row in zip(queries, cand):
         assert q.exclude_blocks[0] not in row.tolist()

@@ -4,11 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexer.io import InputError
-from trainer import loop
+from cluster.config import load_config
+from core.errors import InputError
+from trainer.bert import bert_factory, init_bert
 from trainer.checkpoint import load_model, save_model
-from trainer.config import load_config
-from trainer.model import Retriever, Tower, build_bert, build_realm, pca_projection
+from trainer.ict import ict
+from trainer.model import Retriever, Tower, build_realm, pca_projection
+from trainer.model_init import fresh_model, pooled_sample
+from trainer.prepare import prepare
+from trainer.run import Run
 
 
 def low_rank(n: int, hidden: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +56,7 @@ def test_pca_loses_what_it_drops_and_a_random_projection_keeps_nothing():
 
 def test_a_tower_with_l2_pooling_and_a_pca_projection_scores_by_cosine():
     torch.manual_seed(0)
-    bert = build_bert("random", 30522, 1, hidden_size=32, num_heads=2, intermediate_size=64).eval()
+    bert = init_bert("random", 30522, 1, hidden_size=32, num_heads=2, intermediate_size=64).eval()
     retriever = Retriever(bert, bert, dim=32, pooling="mean_l2").eval()
     ids = torch.randint(1000, 2000, (40, 12))
     mask = torch.ones_like(ids)
@@ -69,12 +73,12 @@ def test_a_tower_with_l2_pooling_and_a_pca_projection_scores_by_cosine():
 
 
 def test_l2_pooling_survives_a_checkpoint_and_bad_poolings_are_refused(tmp_path):
-    model = build_realm("random", 30522, 1, 1, 32, 2, 64, 16, pooling="mean_l2")
+    model = build_realm(bert_factory("random", 30522, 32, 2, 64), 1, 1, 16, pooling="mean_l2")
     save_model(model, tmp_path / "m", step=0)
     loaded, meta = load_model(tmp_path / "m")
     assert meta["pooling"] == "mean_l2" and loaded.retriever.doc_tower.pooling == "mean_l2"
-    with pytest.raises(InputError, match="pooling 'max'"):
-        build_realm("random", 30522, 1, 1, 32, 2, 64, 16, pooling="max")
+    with pytest.raises(InputError, match="config key 'model.pooling': expected one of cls, mean, cls_l2, mean_l2"):
+        load_config(None, ["model.pooling=max"])
     with pytest.raises(InputError, match="config key 'model.proj_init': expected one of random, pca"):
         load_config(None, ["model.proj_init=svd"])
     with pytest.raises(InputError, match="unknown config key 'model.proj_init_dims'"):
@@ -85,13 +89,13 @@ def test_l2_pooling_survives_a_checkpoint_and_bad_poolings_are_refused(tmp_path)
 def test_ict_starts_from_the_pca_projection(tiny_cfg):
     cfg = tiny_cfg("model.proj_init=pca", "model.pooling=mean_l2", "model.proj_init_blocks=30",
                    "model.retrieval_dim=32", "ict.steps=0")
-    loop.prepare(cfg)
-    run = loop.Run.open(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    run = Run.open(cfg)
+    ict(cfg)
     model, _ = load_model(f"{cfg.run_dir}/models/ict")
     torch.manual_seed(0)
-    fresh = loop.fresh_model(cfg, run.vocab.size)
-    pooled = loop.pooled_sample(run, fresh.retriever.doc_tower, 30)
+    fresh = fresh_model(cfg, run.vocab.size)
+    pooled = pooled_sample(run, fresh.retriever.doc_tower, 30)
     assert pooled.shape == (30, 32)
     expected = pca_projection(pooled, 32, cfg.model.proj_init_scale ** 0.5)
     for tower in (model.retriever.query_tower, model.retriever.doc_tower):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from indexer.io import InputError
+from core.errors import InputError
 from tests.conftest import write_jsonl
 from trainer.model import SpanHead, span_marginal_log_likelihood
 from trainer.qa import answer_in_text, exact_match, normalize_answer, read_qa
@@ -86,16 +86,20 @@ def test_span_head_scores_only_allowed_spans():
 def test_finetune_trains_query_tower_and_reader_but_never_the_doc_encoder(tiny_cfg, tiny_corpus):
     import json
 
-    from trainer import finetune, loop
     from trainer.checkpoint import load_model
+    from trainer.evaluate import evaluate_openqa
+    from trainer.finetune import finetune
+    from trainer.ict import ict
+    from trainer.prepare import prepare
+    from trainer.qa_system import query
 
     cfg = tiny_cfg("ict.steps=2", f"data.qa_train={tiny_corpus['qa_train']}", f"data.qa_eval={tiny_corpus['qa_eval']}",
                    "finetune.steps=3", "finetune.k=3", "finetune.batch_size=4", "finetune.retriever_lr=1e-3",
                    "data.max_eval_examples=6", "task=openqa", "question=What is the hometown of Nobody?")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     start, _ = load_model(f"{cfg.run_dir}/models/ict")
-    finetune.finetune(cfg)
+    finetune(cfg)
     tuned, meta = load_model(f"{cfg.run_dir}/models/qa")
     assert meta["kind"] == "openqa_model"
     for (name, p0), p1 in zip(start.retriever.doc_tower.state_dict().items(),
@@ -104,13 +108,13 @@ def test_finetune_trains_query_tower_and_reader_but_never_the_doc_encoder(tiny_c
     changed = [not torch.equal(a, b) for a, b in zip(start.retriever.query_tower.state_dict().values(),
                                                     tuned.retriever.query_tower.state_dict().values())]
     assert any(changed)
-    metrics = finetune.evaluate_openqa(cfg)
+    metrics = evaluate_openqa(cfg)
     assert metrics["n"] == 6 and metrics["k"] == 3 and 0 <= metrics["exact_match"] <= 1
     preds = [json.loads(line) for line in open(f"{cfg.run_dir}/predictions.jsonl")]
     assert len(preds) == 6 and all(len(p["top_k"]) == 3 and len(p["scores"]) == 3 for p in preds)
     # the index the QA model reads is the one its (frozen) doc encoder built at ICT time
     assert metrics["index_version"] == 1
-    result = finetune.query(cfg, as_json=True)
+    result = query(cfg)
     assert result["question"] == cfg.question and len(result["blocks"]) == 3
 
 

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from indexer.io import verify_manifest
+from core.env import OFFLINE_ENV
+from core.files import verify_manifest
 from indexer.versions import IndexVersions
 from tests.conftest import ROOT, pretrain_losses
-from trainer import loop
 from trainer.checkpoint import latest_training_state, step_dirs
+from trainer.ict import ict
+from trainer.prepare import prepare
 
 STEPS = ["pretrain.steps=14", "pretrain.checkpoint_every=2", "refresh.every_steps=2", "pretrain.log_every=1",
          "cluster.backend=local", "refresh.mode=sync"]
@@ -40,13 +42,13 @@ def assert_nothing_half_written_is_visible(run_dir: Path) -> None:
 
 def test_kill_then_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
     cfg = tiny_cfg("ict.steps=2", "threads=1")
-    loop.prepare(cfg)
-    loop.ict(cfg)
+    prepare(cfg)
+    ict(cfg)
     base = Path(cfg.run_dir)
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(base, a)
     shutil.copytree(base, b)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)}
 
     subprocess.run(cli_args(cfg, f"run_dir={a}"), check=True, env=env, capture_output=True, timeout=600)
     want = pretrain_losses(a)

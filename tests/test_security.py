@@ -26,7 +26,7 @@ def test_local_ray_dashboard_listens_on_loopback_only(tmp_path):
     out = run_script("""
         import json, sys, psutil, ray
         from cluster.run import connect
-        from trainer.config import load_config
+        from cluster.config import load_config
         cfg = load_config("configs/tiny.yaml", ["cluster.dashboard=true", f"run_dir={sys.argv[1]}"])
         assert connect(cfg)
         url = ray._private.worker.global_worker.node.address_info["webui_url"]
@@ -50,7 +50,7 @@ def test_trainer_rendezvous_listens_on_loopback_only(tmp_path):
     code = """
         import json, os, sys, psutil, torch, torch.distributed as dist
         from cluster.run import rendezvous
-        from trainer.config import load_config
+        from cluster.config import load_config
         from trainer.engine import init_distributed
         rank, port, run_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
         cfg = load_config("configs/tiny.yaml", [f"run_dir={run_dir}"])
@@ -80,8 +80,8 @@ def test_trainer_rendezvous_listens_on_loopback_only(tmp_path):
 
 
 def test_rendezvous_uses_a_file_store_only_on_loopback(tmp_path):
+    from cluster.config import load_config
     from cluster.run import rendezvous
-    from trainer.config import load_config
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"run_dir={tmp_path}"])
     host, port, store = rendezvous(cfg, ("127.0.0.1", 1234))

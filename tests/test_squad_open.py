@@ -82,7 +82,7 @@ def test_recipe_runs_end_to_end_and_writes_the_comparison(tmp_path, capsys):
 
 
 def test_gpu_config_scales_the_cpu_recipe_up():
-    from trainer.config import load_config
+    from cluster.config import load_config
 
     cpu, gpu = (load_config(ROOT / "configs" / f"{name}.yaml") for name in ("squad_open", "squad_open_gpu"))
     assert gpu.device == "cuda" and gpu.data == cpu.data and gpu.model == cpu.model

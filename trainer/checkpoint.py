@@ -22,7 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
-from indexer.io import InputError, atomic_dir, fsync_tree, verify_manifest, write_manifest
+from core.errors import InputError
+from core.files import atomic_dir, fsync_tree, verify_manifest, write_manifest
+from trainer.bert import load_bert
 from trainer.model import REALM, KnowledgeAugmentedEncoder, OpenQAModel, Retriever, Tower
 
 COMPONENTS = ("query_encoder", "doc_encoder", "reader")
@@ -72,28 +74,20 @@ def save_model(model: REALM | OpenQAModel, directory: str | os.PathLike, step: i
     return directory
 
 
-def _load_bert(path: Path) -> BertModel:
-    try:
-        return BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa",
-                                         local_files_only=True)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise InputError(f"{path}: corrupt or foreign BERT checkpoint: {str(e).splitlines()[0]}") from None
-
-
-def _read_meta(d: Path, verify: bool) -> dict:
+def _read_meta(d: Path) -> dict:
     if not d.is_dir():
         raise InputError(f"{d}: checkpoint not found")
-    meta = verify_manifest(d, check_hashes=verify)
+    meta = verify_manifest(d)
     if meta.get("kind") not in KINDS:
         raise InputError(f"{d}: not a REALM model checkpoint (kind={meta.get('kind')!r})")
     return meta
 
 
-def load_model(directory: str | os.PathLike, verify: bool = True) -> tuple[REALM | OpenQAModel, dict]:
+def load_model(directory: str | os.PathLike) -> tuple[REALM | OpenQAModel, dict]:
     """Load a model directory written by `save_model`; refuse damaged or foreign ones."""
     d = Path(directory)
-    meta = _read_meta(d, verify)
-    q, doc, reader = (_load_bert(d / c) for c in COMPONENTS)
+    meta = _read_meta(d)
+    q, doc, reader = (load_bert(d / c) for c in COMPONENTS)
     retriever = Retriever(q, doc, meta["retrieval_dim"], meta["pooling"])
     if meta["kind"] == "realm_model":
         model = REALM(retriever, KnowledgeAugmentedEncoder(reader, meta.get("reader_head", "mlm")))
@@ -117,15 +111,6 @@ def load_heads(model: REALM | OpenQAModel, path: Path) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(heads[name])
-
-
-def fresh_model(cfg, vocab_size: int) -> REALM:
-    """Three BERTs from `model.init` (one load, two copies)."""
-    from trainer.model import build_realm
-
-    m = cfg.model
-    return build_realm(m.init, vocab_size, m.retriever_layers, m.reader_layers, m.hidden_size, m.num_heads,
-                       m.intermediate_size, m.retrieval_dim, m.pooling, m.reader_head)
 
 
 def step_dirs(parent: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -165,7 +150,7 @@ def load_doc_tower(directory: str | os.PathLike) -> tuple[Tower, dict]:
     meta = verify_manifest(d)
     if meta.get("kind") != "doc_encoder":
         raise InputError(f"{d}: not a published doc encoder (kind={meta.get('kind')!r})")
-    tower = Tower(_load_bert(d / "encoder"), meta["retrieval_dim"], meta["pooling"])
+    tower = Tower(load_bert(d / "encoder"), meta["retrieval_dim"], meta["pooling"])
     try:
         proj = load_file(str(d / "proj.safetensors"))
     except (SafetensorError, OSError) as e:

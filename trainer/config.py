@@ -1,21 +1,20 @@
-"""The one config loader: YAML file + dotted overrides -> a validated, typed Config.
+"""The training system's config schema: every section that trainer/ and indexer/ read.
 
-Plain dataclasses (not OmegaConf/Hydra) because we want exactly two behaviours that those
-libraries make awkward: an unknown key fails with one line listing the valid keys, and a
-value is coerced to the field's declared type with an error naming the key.
+`cluster/config.py` extends `TrainConfig` with the cluster section and is what `launch.py`
+loads; the loader's mechanics are in core/schema.py. Allowed values of a switch are listed once,
+here, and checked at load time, so the model code never re-validates them.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, get_type_hints
 
-import yaml
-
-from indexer.io import InputError
+from core.errors import InputError
+from core.schema import check_choices, check_positive
 from indexer.synthetic import RELATIONS
+
+POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
+READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
+RETRIEVER_SIGNALS = ("marginal", "candidates")  # trainer.model.REALM.forward: what the towers learn from
 
 
 @dataclass
@@ -44,12 +43,9 @@ class MaskingConfig:
     mode: str = "salient"          # salient (spaCy NER + dates) | random (the paper's ablation)
     ner: str = "spacy"             # spacy | regex (dates + capitalized phrases, no spaCy)
     random_span_max: int = 3       # wordpieces per random span
-    min_sentence_chars: int = 20
+    min_sentence_chars: int = 20   # pre-training sentences drawn from the corpus
 
 
-POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
-READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
-RETRIEVER_SIGNALS = ("marginal", "candidates")  # trainer.model.REALM.forward: what the towers learn from
 
 
 @dataclass
@@ -73,7 +69,6 @@ class ModelConfig:
 @dataclass
 class RetrievalConfig:
     k: int = 8                     # candidates per query in pre-training (null doc added on top)
-    search_batch: int = 256
 
 
 @dataclass
@@ -84,6 +79,8 @@ class ICTConfig:
     keep_sentence_prob: float = 0.1   # ORQA: leave the query sentence in its block 10% of the time
     max_query_len: int = 64
     warmup_steps: int = 10
+    min_sentence_chars: int = 20   # shorter sentences never become an ICT query
+    log_every: int = 10
 
 
 @dataclass
@@ -130,6 +127,7 @@ class FinetuneConfig:
     init: str = "auto"             # auto (realm if present, else ict) | realm | ict | <dir>
     retrieval: str = "index"       # index | random (a reader without a retriever, as a baseline)
     name: str = "qa"               # writes run_dir/models/<name>; evaluate/query with eval.model=<name>
+    log_every: int = 10
 
 
 @dataclass
@@ -140,30 +138,6 @@ class EvalConfig:
 
 
 @dataclass
-class ClusterConfig:
-    backend: str = "local"         # local: one process, stop-the-world refresh | ray: the actors below
-    address: str = ""              # "" = start a local Ray on this machine | "auto" = the cluster we run in
-    host: str = "127.0.0.1"        # local Ray's node address; its dashboard binds here too
-    dashboard: bool = False
-    trainers: int = 1              # data-parallel DeepSpeed ranks
-    trainer_cpus: float = 1
-    trainer_gpus: float = 0
-    embedding_workers: int = 2
-    embed_cpus: float = 1
-    embed_gpus: float = 0
-    embed_threads: int = 1         # torch threads per embedding worker (CPU)
-    embed_batch_size: int = 64
-    slices: int = 0                # slices per refresh (0 = one per embedding worker)
-    shards: int = 2
-    shard_cpus: float = 0.5
-    shard_gpus: float = 0
-    zero_stage: int = 0            # DeepSpeed ZeRO stage 0-2
-    bf16: str = "auto"             # auto (on GPU) | true | false
-    dist_backend: str = "auto"     # auto: nccl on GPU, gloo on CPU
-    poll_seconds: float = 0.5      # the refresh coordinator's look for newly published doc encoders
-
-
-@dataclass
 class WandbConfig:
     enabled: bool = False
     mode: str = "offline"          # offline | online
@@ -171,7 +145,7 @@ class WandbConfig:
 
 
 @dataclass
-class Config:
+class TrainConfig:
     run_dir: str = "runs/tiny"
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
@@ -188,7 +162,6 @@ class Config:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -202,153 +175,34 @@ SMOKE_RUN = [*SMOKE_MODEL, "data.synthetic_entities=40", "ict.steps=2", "ict.bat
              "eval.k=3", "pretrain.freeze_retriever_steps=0"]
 
 
-def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, typ in get_type_hints(cls).items():
-        if dataclasses.is_dataclass(typ):
-            keys += valid_keys(typ, prefix + name + ".")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def _coerce(value: Any, typ: type, key: str) -> Any:
-    if isinstance(value, str) and typ is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            pass
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise InputError(f"config key '{key}': expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise InputError(f"config key '{key}': expected a string, got {value!r}")
-        if isinstance(value, bool):  # YAML's `true` for a string-typed switch such as cluster.bf16
-            return "true" if value else "false"
-        return str(value)
-    return value
-
-
-def _unknown(key: str) -> InputError:
-    return InputError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
-
-
-def _apply(obj: Any, key: str, value: Any) -> None:
-    parts = key.split(".")
-    target = obj
-    for i, part in enumerate(parts):
-        hints = get_type_hints(type(target))
-        if part not in hints:
-            raise _unknown(key)
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(hints[part]):
-                if not isinstance(value, dict):
-                    raise InputError(f"config key '{key}': expected a mapping, got {value!r}")
-                for sub, v in value.items():
-                    _apply(obj, f"{key}.{sub}", v)
-            else:
-                setattr(target, part, _coerce(value, hints[part], key))
-        else:
-            if not dataclasses.is_dataclass(hints[part]):
-                raise _unknown(key)
-            target = getattr(target, part)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """YAML at `path` (optional), then `dotted.key=value` overrides, validated and checked."""
-    cfg = Config()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise InputError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{p}: expected a mapping at the top level")
-        for key, value in _flatten(raw).items():
-            _apply(cfg, key, value)
-    for item in overrides:
-        if "=" not in item:
-            raise InputError(f"override '{item}': expected dotted.key=value")
-        key, value = item.split("=", 1)
-        _apply(cfg, key.strip(), value)
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg: Config) -> None:
-    positive = {
+def check_train_config(cfg: TrainConfig) -> None:
+    """Values that cannot work, each failing with one line naming its key."""
+    check_positive({
         "retrieval.k": cfg.retrieval.k, "eval.k": cfg.eval.k, "blocks.max_len": cfg.blocks.max_len,
         "ict.batch_size": cfg.ict.batch_size, "pretrain.batch_size": cfg.pretrain.batch_size,
         "refresh.every_steps": cfg.refresh.every_steps, "model.retrieval_dim": cfg.model.retrieval_dim,
         "eval.batch_size": cfg.eval.batch_size, "finetune.k": cfg.finetune.k,
         "finetune.batch_size": cfg.finetune.batch_size, "finetune.max_answer_len": cfg.finetune.max_answer_len,
-        "pretrain.checkpoint_every": cfg.pretrain.checkpoint_every, "cluster.trainers": cfg.cluster.trainers,
-        "cluster.embedding_workers": cfg.cluster.embedding_workers, "cluster.shards": cfg.cluster.shards,
-        "cluster.embed_batch_size": cfg.cluster.embed_batch_size,
+        "pretrain.checkpoint_every": cfg.pretrain.checkpoint_every,
         "model.proj_init_blocks": cfg.model.proj_init_blocks, "model.proj_init_scale": cfg.model.proj_init_scale,
-    }
-    for key, v in positive.items():
-        if v <= 0:
-            raise InputError(f"config key '{key}': must be positive, got {v}")
+        "ict.log_every": cfg.ict.log_every, "pretrain.log_every": cfg.pretrain.log_every,
+        "finetune.log_every": cfg.finetune.log_every,
+    })
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
-    choices = {"masking.mode": (cfg.masking.mode, ("salient", "random")),
-               "data.synthetic_relations": (cfg.data.synthetic_relations, tuple(RELATIONS)),
-               "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
-               "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
-               "model.pooling": (cfg.model.pooling, POOLINGS),
-               "model.reader_head": (cfg.model.reader_head, READER_HEADS),
-               "pretrain.retriever_signal": (cfg.pretrain.retriever_signal, RETRIEVER_SIGNALS),
-               "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
-               "task": (cfg.task, ("mlm", "openqa")),
-               "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
-               "device": (cfg.device, ("auto", "cpu", "cuda")),
-               "wandb.mode": (cfg.wandb.mode, ("offline", "online")),
-               "cluster.backend": (cfg.cluster.backend, ("local", "ray")),
-               "cluster.bf16": (cfg.cluster.bf16, ("auto", "true", "false")),
-               "cluster.dist_backend": (cfg.cluster.dist_backend, ("auto", "gloo", "nccl")),
-               "cluster.zero_stage": (cfg.cluster.zero_stage, (0, 1, 2))}
-    for key, (v, allowed) in choices.items():
-        if v not in allowed:
-            raise InputError(f"config key '{key}': expected one of {', '.join(map(str, allowed))}, got {v!r}")
+    check_choices({"masking.mode": (cfg.masking.mode, ("salient", "random")),
+                   "data.synthetic_relations": (cfg.data.synthetic_relations, tuple(RELATIONS)),
+                   "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
+                   "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
+                   "model.pooling": (cfg.model.pooling, POOLINGS),
+                   "model.reader_head": (cfg.model.reader_head, READER_HEADS),
+                   "pretrain.retriever_signal": (cfg.pretrain.retriever_signal, RETRIEVER_SIGNALS),
+                   "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
+                   "task": (cfg.task, ("mlm", "openqa")),
+                   "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
+                   "device": (cfg.device, ("auto", "cpu", "cuda")),
+                   "wandb.mode": (cfg.wandb.mode, ("offline", "online"))})
     if not 0 <= cfg.pretrain.own_block_steps <= cfg.pretrain.freeze_retriever_steps:
         raise InputError(f"config key 'pretrain.own_block_steps': must be between 0 and "
                          f"pretrain.freeze_retriever_steps={cfg.pretrain.freeze_retriever_steps} (a retriever "
                          f"that trains on its own block learns string matching), got {cfg.pretrain.own_block_steps}")
-    if cfg.pretrain.batch_size % cfg.cluster.trainers:
-        raise InputError(f"config key 'pretrain.batch_size': {cfg.pretrain.batch_size} does not split evenly "
-                         f"over cluster.trainers={cfg.cluster.trainers}")
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)

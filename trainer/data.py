@@ -16,14 +16,17 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from core.errors import InputError
+from core.files import atomic_dir
+from core.records import optional_str, read_jsonl, require_str
 from indexer.blocks import BlockStore
 from indexer.embed import pad_batch
-from indexer.io import InputError, atomic_dir, optional_str, read_jsonl, require_str
 from indexer.tokenizer import Vocab
 from trainer.masking import find_salient_spans, random_token_span, split_sentences
 from trainer.model import RealmBatch
 
 MAX_MASKED_TOKENS = 12  # longer spans are rare and mostly noise from the tagger
+ICT_MAX_TRIES = 50  # draws per ICT example before a batch settles for fewer (blocks of one sentence have none)
 
 EXAMPLE_SCHEMA = pa.schema([
     ("text", pa.string()), ("spans", pa.list_(pa.list_(pa.int32()))), ("fixed_span", pa.bool_()),
@@ -155,14 +158,18 @@ def mask_example(ex: Example, tok, vocab: Vocab, max_len: int, rng: np.random.Ge
     return MaskedQuery(q, np.arange(t0 - lo, t1 - lo) + 1, targets, list(ex.exclude_blocks), list(ex.gold_blocks))
 
 
-def reader_input(query_ids: np.ndarray, block_tokens: np.ndarray | None, max_len: int, sep: int) -> np.ndarray:
-    """[CLS] x [SEP] z [SEP] truncated to max_len (z = block without its [CLS]); None = null doc."""
+def reader_input(query_ids: np.ndarray, block_tokens: np.ndarray | None, max_len: int, sep: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The reader's input for one (x, z): `[CLS] x [SEP] z [SEP]` truncated to max_len (z = the block
+    without its [CLS]; None = x alone) and its token types (0 over x, 1 over z), both int64 [L].
+    The one assembly for pre-training (collate_realm) and Open-QA (trainer/qa_batch.py)."""
     if block_tokens is None or len(block_tokens) == 0:
-        return query_ids[:max_len]
-    z = np.asarray(block_tokens[1:], dtype=np.int64)
-    seq = np.concatenate([query_ids, z])[:max_len]
-    seq[-1] = sep
-    return seq
+        seq = query_ids[:max_len]
+    else:
+        z = np.asarray(block_tokens[1:], dtype=np.int64)
+        seq = np.concatenate([query_ids, z])[:max_len]
+        seq[-1] = sep
+    return seq, np.r_[np.zeros(len(query_ids), np.int64), np.ones(len(seq) - len(query_ids), np.int64)]
 
 
 def collate_realm(queries: list[MaskedQuery], candidates: np.ndarray, store: BlockStore, vocab: Vocab,
@@ -177,9 +184,9 @@ def collate_realm(queries: list[MaskedQuery], candidates: np.ndarray, store: Blo
     reader_seqs, reader_types = [], []
     for q, row in zip(queries, blocks):
         for z in row:
-            seq = reader_input(q.ids, z, reader_max_len, vocab.sep)
+            seq, types = reader_input(q.ids, z, reader_max_len, vocab.sep)
             reader_seqs.append(seq)
-            reader_types.append(np.r_[np.zeros(len(q.ids), np.int64), np.ones(len(seq) - len(q.ids), np.int64)])
+            reader_types.append(types)
     r_ids, r_mask = pad_batch(reader_seqs, vocab.pad)
     r_types, _ = pad_batch(reader_types, 0)
     M = max(len(q.positions) for q in queries)
@@ -237,11 +244,11 @@ def ict_pair(store: BlockStore, tok, vocab: Vocab, block_id: int, rng: np.random
 
 
 def ict_batch(store: BlockStore, tok, vocab: Vocab, batch_size: int, rng: np.random.Generator, keep_prob: float,
-              max_query_len: int, min_chars: int, max_tries: int = 50) -> tuple[torch.Tensor, ...]:
+              max_query_len: int, min_chars: int) -> tuple[torch.Tensor, ...]:
     """B (query, context) pairs from distinct blocks: q_ids, q_mask, c_ids, c_mask."""
     queries, contexts, used = [], [], set()
     tries = 0
-    while len(queries) < batch_size and tries < batch_size * max_tries:
+    while len(queries) < batch_size and tries < batch_size * ICT_MAX_TRIES:
         tries += 1
         b = int(rng.integers(len(store)))
         if b in used:

@@ -1,19 +1,38 @@
 """The one place an optimizer wraps the model: AdamW, warmup + linear decay, grad clipping.
 
-Two engines with one interface, so the training loop never knows which it drives:
-    engine(batch, **kw) -> the model's output      engine.step(loss) -> grad norm | None
-    engine.save(dir, client_state)                  engine.load(dir) -> client_state
+Two engines with one interface, `Engine`, so the training loop never knows which it drives.
 `TorchEngine` is the single-process path; `DeepSpeedEngine` wraps the same model and optimizer
-in `deepspeed.initialize` (data parallel, ZeRO, bf16) at the cluster edge. Neither pickles:
-checkpoints load with `weights_only=True`.
+in `deepspeed.initialize` (data parallel, ZeRO, bf16) for the cluster's trainers. Neither
+pickles: checkpoints load with `weights_only=True`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
+
+from core.errors import InputError
+
+
+class Engine(Protocol):
+    """What the training loop drives."""
+
+    module: torch.nn.Module  # the plain model, for saving and for the index refresh
+
+    def __call__(self, *args, **kwargs) -> dict:
+        """The model's forward."""
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        """Backward, clip, update, schedule; the gradient norm before clipping (None where unknown)."""
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        """This rank's training state (model, optimizer, scheduler, `client_state`) into `directory`."""
+
+    def load(self, directory: Path) -> dict:
+        """Restore the state `save` wrote; returns its client state."""
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
@@ -135,7 +154,6 @@ class DeepSpeedEngine:
         with refuse_mismatch(directory):
             path, client = self.engine.load_checkpoint(str(directory), tag="ds")
         if path is None:
-            from indexer.io import InputError
             raise InputError(f"{directory}: no DeepSpeed checkpoint (tag 'ds') to resume from")
         return client  # DeepSpeed has already taken its own keys out
 
@@ -143,8 +161,6 @@ class DeepSpeedEngine:
 def load_weights_only(path: Path, map_location="cpu"):
     """torch.load that never unpickles code; anything else is refused with an error naming the file."""
     import pickle
-
-    from indexer.io import InputError
 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -156,8 +172,6 @@ def load_weights_only(path: Path, map_location="cpu"):
 @contextlib.contextmanager
 def refuse_mismatch(directory: Path):
     """A state of another model size or layout -> one line naming the checkpoint."""
-    from indexer.io import InputError
-
     try:
         yield
     except (RuntimeError, KeyError, ValueError) as e:

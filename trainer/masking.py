@@ -8,12 +8,14 @@ at batch time, see `random_token_span`.
 """
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
           r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)")
@@ -70,8 +72,8 @@ def _spacy():
         except ImportError:
             return spacy.load("en_core_web_sm", disable=disable)
     except (ImportError, OSError) as e:
-        print(f"warning: spaCy NER unavailable ({type(e).__name__}: {e}); masking entities with the "
-              "regex tagger (dates + capitalized phrases)", file=sys.stderr)
+        log.warning("spaCy NER unavailable (%s: %s); masking entities with the regex tagger (dates + "
+                    "capitalized phrases)", type(e).__name__, e)
         return None
 
 
@@ -87,12 +89,12 @@ def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def find_salient_spans(texts: list[str], ner: str = "spacy", batch_size: int = 256) -> list[list[tuple[int, int]]]:
+def find_salient_spans(texts: list[str], ner: str = "spacy") -> list[list[tuple[int, int]]]:
     """Character spans of named entities and dates for each text."""
     nlp = _spacy() if ner == "spacy" else None
     results = []
     if nlp is not None:
-        for text, doc in zip(texts, nlp.pipe(texts, batch_size=batch_size)):
+        for text, doc in zip(texts, nlp.pipe(texts, batch_size=256)):
             ents = [(e.start_char, e.end_char) for e in doc.ents if e.label_ in SALIENT_LABELS]
             results.append(_merge(ents + date_spans(text)))
     else:

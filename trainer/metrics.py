@@ -19,7 +19,7 @@ class MetricsLogger:
         if cfg is not None and cfg.wandb.enabled:
             import wandb
 
-            from trainer.config import to_dict
+            from core.schema import to_dict
 
             self._wandb = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(run_dir),
                                      config=to_dict(cfg), job_type=job, reinit=True)

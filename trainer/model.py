@@ -13,39 +13,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertModel
-
-from indexer.io import InputError
-from indexer.tokenizer import minilm_dir
-from trainer.config import POOLINGS, READER_HEADS, RETRIEVER_SIGNALS
-
-
-def build_bert(init: str, vocab_size: int, num_layers: int = 0, hidden_size: int = 128, num_heads: int = 2,
-               intermediate_size: int = 512) -> BertModel:
-    """A BertModel from a config ("random") or a local checkpoint ("minilm" or a directory)."""
-    if init == "random":
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers or 2,
-                         num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                         max_position_embeddings=512, attn_implementation="sdpa")
-        return BertModel(cfg, add_pooling_layer=False)
-    path = minilm_dir() if init == "minilm" else init
-    try:
-        bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa",
-                                         local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a loadable BERT checkpoint: {str(e).splitlines()[0]}") from None
-    if bert.config.vocab_size != vocab_size:
-        raise InputError(f"{path}: vocabulary of {bert.config.vocab_size} tokens does not match the block "
-                         f"store's {vocab_size}")
-    if num_layers and num_layers < bert.config.num_hidden_layers:
-        bert.encoder.layer = bert.encoder.layer[:num_layers]
-        bert.config.num_hidden_layers = num_layers
-    return bert
+from transformers import BertModel
 
 
 class Tower(nn.Module):
@@ -58,8 +32,6 @@ class Tower(nn.Module):
 
     def __init__(self, encoder: BertModel, dim: int, pooling: str = "cls"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise InputError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
         self.encoder = encoder
         self.proj = nn.Linear(encoder.config.hidden_size, dim)
         self.pooling = pooling
@@ -178,8 +150,6 @@ class KnowledgeAugmentedEncoder(nn.Module):
 
     def use_head(self, head: str) -> None:
         """Switch the output head (a checkpoint written with the other one: ICT never trains it)."""
-        if head not in READER_HEADS:
-            raise InputError(f"reader head {head!r}: expected one of {', '.join(READER_HEADS)}")
         if head == "copy" and self.copy_head is None:
             self.copy_head = CopyHead(self.bert.config.hidden_size).to(self.bert.device)
         elif head == "mlm":
@@ -290,14 +260,12 @@ class REALM(nn.Module):
 
     def forward(self, b: RealmBatch, train_retriever: bool = True, retriever_signal: str = "marginal"
                 ) -> dict[str, torch.Tensor]:
-        """`retriever_signal`: what the towers learn from (RETRIEVER_SIGNALS). "marginal": -log p(y|x) itself, the
+        """`retriever_signal`: what the towers learn from. "marginal": -log p(y|x) itself, the
         null document among the candidates (the paper). "candidates": the reader and the null score still learn
         from -log p(y|x), but the towers from -log Σ_{z ∈ top-k} p(y|z,x) p(z|x, z ≠ ∅) with the reader's
         likelihoods held fixed. Its gradient on the candidates' scores sums to zero, so it only reorders them
         by their usefulness: once p(∅|x) wins, the paper's gradient lowers every retrieved block at once, which
         pushes the query away from its nearest neighbours, blocks that would help included."""
-        if retriever_signal not in RETRIEVER_SIGNALS:
-            raise InputError(f"retriever signal {retriever_signal!r}: expected one of {', '.join(RETRIEVER_SIGNALS)}")
         scores = self.relevance(b, train_retriever)
         token_lp = self.token_log_probs(b)
         B, Z = scores.shape
@@ -315,16 +283,13 @@ class REALM(nn.Module):
                 "span_log_probs": span_lp, "token_log_probs": token_lp}
 
 
-def build_realm(init: str, vocab_size: int, retriever_layers: int = 0, reader_layers: int = 0,
-                hidden_size: int = 128, num_heads: int = 2, intermediate_size: int = 512, retrieval_dim: int = 128,
-                pooling: str = "cls", reader_head: str = "mlm") -> REALM:
-    """Three BERTs from one init: query encoder, doc encoder (first `retriever_layers`), reader."""
-    def bert(layers: int) -> BertModel:
-        return build_bert(init, vocab_size, layers, hidden_size, num_heads, intermediate_size)
-
-    query = bert(retriever_layers)
+def build_realm(make_bert: Callable[[int], BertModel], retriever_layers: int = 0, reader_layers: int = 0,
+                retrieval_dim: int = 128, pooling: str = "cls", reader_head: str = "mlm") -> REALM:
+    """Three BERTs from one init: query encoder, doc encoder (its copy) and reader. `make_bert(layers)`
+    returns a fresh BertModel keeping the first `layers` layers (0 = all): trainer/bert.py's `bert_factory`."""
+    query = make_bert(retriever_layers)
     retriever = Retriever(query, copy.deepcopy(query), retrieval_dim, pooling)
-    reader = copy.deepcopy(query) if reader_layers == retriever_layers else bert(reader_layers)
+    reader = copy.deepcopy(query) if reader_layers == retriever_layers else make_bert(reader_layers)
     return REALM(retriever, KnowledgeAugmentedEncoder(reader, reader_head))
 
 
@@ -348,6 +313,12 @@ class SpanHead(nn.Module):
         return scores.masked_fill(~span_mask, float("-inf"))
 
 
+def span_log_softmax(span_scores: torch.Tensor) -> torch.Tensor:
+    """log p(s|z,x): span scores [B, K, L, A] -> [B, K, L*A] float32, a softmax over each block's spans."""
+    flat = span_scores.float().flatten(2)
+    return flat - torch.logsumexp(flat, dim=-1, keepdim=True)
+
+
 def span_marginal_log_likelihood(retrieval_scores: torch.Tensor, span_scores: torch.Tensor,
                                  answer_mask: torch.Tensor) -> torch.Tensor:
     """log Σ_z p(z|x) Σ_{s ∈ z, s matches y} p(s|z,x).
@@ -359,8 +330,7 @@ def span_marginal_log_likelihood(retrieval_scores: torch.Tensor, span_scores: to
     that a block with no match has a finite log-sum and its gradient stays 0 instead of NaN.
     """
     log_p_z = F.log_softmax(retrieval_scores.float(), dim=-1)
-    flat = span_scores.float().flatten(2)
-    log_p_s = flat - torch.logsumexp(flat, dim=-1, keepdim=True)
+    log_p_s = span_log_softmax(span_scores)
     log_p_y_z = torch.logsumexp(log_p_s.masked_fill(~answer_mask.flatten(2), -1e30), dim=-1)
     return torch.logsumexp(log_p_z + log_p_y_z, dim=-1)
 

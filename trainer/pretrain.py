@@ -1,13 +1,13 @@
 """REALM pre-training: one loop for the single process and for every DeepSpeed rank in Ray.
 
 What differs between the two paths is passed in, never branched on inside the loop:
-  * `engine`: `TorchEngine` or `DeepSpeedEngine` (trainer/engine.py), same interface;
-  * `index`: where top-k comes from and how the corpus gets re-embedded. `StopTheWorldIndex`
-    (here) refreshes in this process and blocks; `cluster.actors.ServiceIndex` asks the shard
-    service and only publishes the doc encoder for the embedding workers.
-Both implement `search`, `version`, `checkpoint_step`, `stats` (refresh duration, blocks/s),
-`before_step(step) -> seconds waited` and `after_step(model, step) -> seconds blocked`, which
-is what the stall figures count.
+  * `engine`: an `Engine` (trainer/engine.py): `TorchEngine` here, `DeepSpeedEngine` in the actors;
+  * `index`: an `IndexClient` (trainer/index_client.py): `StopTheWorldIndex` refreshes in this
+    process and blocks; `cluster.actors.ServiceIndex` asks the shard service and only publishes
+    the doc encoder for the embedding workers. Their `before_step`/`after_step` seconds are what
+    the stall figures count.
+`launch.py pretrain` runs `pretrain` here with `cluster.backend=local` and
+`cluster.run.pretrain_on_ray` with `cluster.backend=ray`; both start from `setup`.
 
 Resume: the training state (model, optimizer, scheduler, the numpy generator that draws the
 examples and masks, i.e. the data position, and torch's RNG) is saved every
@@ -16,83 +16,32 @@ from the newest complete one.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from indexer.io import InputError
+from core.errors import InputError
 from trainer import data as D
 from trainer.checkpoint import latest_training_state, save_model, save_training_state
-from trainer.config import Config
-from trainer.engine import param_groups
-from trainer.loop import Run, check_k, initial_model, refresh_index, retrieve, sample_queries, stored_index
+from trainer.config import TrainConfig
+from trainer.engine import Engine, TorchEngine, param_groups
+from trainer.index_client import IndexClient, StopTheWorldIndex, index_staleness, retrieve
 from trainer.metrics import MetricsLogger
-from trainer.model import marginal_token_log_probs, spans_correct
+from trainer.model import REALM, marginal_token_log_probs, spans_correct
+from trainer.model_init import initial_model
+from trainer.run import Run, check_k
 
-
-def index_staleness(step: int, index_step: int, frozen_steps: int) -> int:
-    """Doc-encoder updates, at `step`, that an index built at `index_step` has not seen. The retriever
-    does not move in its first `frozen_steps` steps, so an index built at any step up to then is as
-    fresh as one built at `frozen_steps`: no refresh is needed (or waited for) before the tower moves."""
-    return max(0, step - max(index_step, min(frozen_steps, step)))
-
-
-def refresh_due(step: int, every: int, total: int, frozen_steps: int) -> bool:
-    """Publish at every `every` steps, except at the end (the run's final model is published by the next
-    stage) and while the retriever is frozen (the doc tower is still the one the index was built from)."""
-    return step % every == 0 and frozen_steps < step < total
-
-
-class StopTheWorldIndex:
-    """The single-process index: every `every_steps` the trainer stops and re-embeds the corpus.
-
-    At the start it reuses a stored version built by the same doc encoder (ICT's at step 0, this
-    run's own at a resume step) instead of re-embedding the corpus.
-    """
-
-    def __init__(self, run: Run, model, run_id: str, start_step: int, initial_id: str = ""):
-        self.run, self.run_id = run, run_id
-        self.every, self.total = run.cfg.refresh.every_steps, run.cfg.pretrain.steps
-        self.frozen_steps = run.cfg.pretrain.freeze_retriever_steps
-        self.stats = {}
-        self.index = stored_index(run, f"{run_id}-{start_step}", initial_id if start_step == 0 else "")
-        if self.index is None:
-            self._refresh(model, start_step)
-
-    def _refresh(self, model, step: int) -> float:
-        t0 = time.perf_counter()
-        self.index = refresh_index(self.run, model, step, f"{self.run_id}-{step}")
-        seconds = time.perf_counter() - t0
-        self.stats = {"refresh_seconds": seconds, "refresh_blocks_per_s": self.index.rows / seconds}
-        return seconds
-
-    @property
-    def version(self) -> int:
-        return self.index.version
-
-    @property
-    def checkpoint_step(self) -> int:
-        return self.index.checkpoint_step
-
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
-        return self.index.search(queries, k, exclude)
-
-    def before_step(self, step: int) -> float:
-        return 0.0
-
-    def after_step(self, model, step: int) -> float:
-        if not refresh_due(step, self.every, self.total, self.frozen_steps):
-            return 0.0
-        return self._refresh(model, step)
+log = logging.getLogger(__name__)
 
 
 FRESH_HEADS = ("reader.mlm_head", "reader.copy_head", "null_score")  # parameter-name prefixes trained at head_lr
 
 
-def build_optimizer_groups(model, cfg: Config) -> list[dict]:
+def build_optimizer_groups(model, cfg: TrainConfig) -> list[dict]:
     """Reader at lr, fresh heads at head_lr, retriever at retriever_lr (0 while frozen)."""
     c = cfg.pretrain
     groups = param_groups(list(model.reader.named_parameters(prefix="reader")) + [("null_score", model.null_score)],
@@ -118,21 +67,31 @@ def gold_in_topk(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | None
     return float(np.mean(hits)) if hits else None
 
 
-def restore(engine, cfg: Config, run: Run) -> dict | None:
+def sample_queries(examples: list, run: Run, n: int, rng: np.random.Generator) -> list[D.MaskedQuery]:
+    out = []
+    while len(out) < n:
+        q = D.mask_example(examples[int(rng.integers(len(examples)))], run.tok, run.vocab,
+                           run.cfg.model.query_max_len, rng, run.cfg.masking.mode, run.cfg.masking.random_span_max)
+        if q is not None:
+            out.append(q)
+    return out
+
+
+def restore(engine: Engine, cfg: TrainConfig, run: Run) -> dict | None:
     """The client state of the newest complete training checkpoint, its weights loaded; None = fresh."""
     if not cfg.pretrain.resume:
         return None
     path = latest_training_state(run.dir / "checkpoints")
     if path is None:
-        print(f"resume: no complete checkpoint under {run.dir / 'checkpoints'}; starting at step 0", file=sys.stderr)
+        log.warning("resume: no complete checkpoint under %s; starting at step 0", run.dir / "checkpoints")
         return None
     state = engine.load(path)
-    print(f"resume: continuing from {path} (step {state['step']})", file=sys.stderr)
+    log.info("resume: continuing from %s (step %d)", path, state["step"])
     return state
 
 
-def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, rank: int = 0, world: int = 1,
-               init: str = "") -> dict:
+def train_loop(run: Run, model: REALM, engine: Engine, make_index: Callable[[REALM, str, int], IndexClient],
+               metrics: MetricsLogger | None, rank: int = 0, world: int = 1, init: str = "") -> dict:
     """The pre-training steps, from a fresh start or a checkpoint. `make_index(model, run_id,
     start_step)` builds the index client once the start step is known. Returns a summary."""
     cfg, c, k = run.cfg, run.cfg.pretrain, run.cfg.retrieval.k
@@ -167,20 +126,20 @@ def train_loop(run: Run, model, engine, make_index, log: MetricsLogger | None, r
         norm = engine.step(out["loss"])
         window["tokens"] += int(batch.reader_mask.sum() + batch.query_mask.sum())
         window["examples"] += len(queries)
-        if log is not None and (step % c.log_every == 0 or step == c.steps):
+        if metrics is not None and (step % c.log_every == 0 or step == c.steps):
             seconds = time.perf_counter() - window["t"]
             m = batch_metrics(out, batch)
             gold = gold_in_topk(queries, cand)
             span_in_k = D.span_in_candidates(queries, cand, run.store)
-            log.log(step, loss=out["loss"].item(), **m, gold_in_topk=gold, span_in_topk=span_in_k, grad_norm=norm,
+            metrics.log(step, loss=out["loss"].item(), **m, gold_in_topk=gold, span_in_topk=span_in_k, grad_norm=norm,
                     index_version=index.version, staleness=staleness, tokens_per_s=window["tokens"] * world / seconds,
                     examples_per_s=window["examples"] * world / seconds, **index.stats,
                     refresh_blocked_s=totals["refresh_blocked"], staleness_wait_s=totals["staleness_wait"],
                     elapsed=time.time() - t_start)
-            print(f"pretrain step {step}/{c.steps} loss {out['loss'].item():.3f} mlm acc {m['mlm_accuracy']:.2f} "
-                  f"p(null) {m['p_null']:.2f} entropy {m['retrieval_entropy']:.2f} span@k {span_in_k:.2f} "
-                  f"gold@k {'-' if gold is None else f'{gold:.2f}'} index v{index.version} staleness {staleness}",
-                  flush=True)
+            log.info("pretrain step %d/%d loss %.3f mlm acc %.2f p(null) %.2f entropy %.2f span@k %.2f gold@k %s "
+                     "index v%d staleness %d", step, c.steps, out["loss"].item(), m["mlm_accuracy"], m["p_null"],
+                     m["retrieval_entropy"], span_in_k, "-" if gold is None else f"{gold:.2f}", index.version,
+                     staleness)
             window = {"t": time.perf_counter(), "tokens": 0, "examples": 0}
         totals["refresh_blocked"] += index.after_step(model, step)
         if step % c.checkpoint_every == 0 and step < c.steps:
@@ -206,31 +165,31 @@ def _client_state(step: int, run_id: str, rng: np.random.Generator) -> dict:
     return {"step": step, "run_id": run_id, "numpy_rng": states, "torch_rng": torch_states}
 
 
-def pretrain(cfg: Config) -> dict:
-    """`launch.py pretrain`: one process here, or the Ray actors of cluster/ (cluster.backend)."""
-    if cfg.cluster.backend == "ray":
-        from cluster.run import pretrain_on_ray
-
-        return pretrain_on_ray(cfg)
-    if cfg.refresh.mode != "sync":
-        print("note: cluster.backend=local refreshes stop-the-world (refresh.mode=async needs "
-              "cluster.backend=ray)", file=sys.stderr)
+def setup(cfg: TrainConfig) -> tuple[Run, REALM, dict]:
+    """What every pre-training process starts from: the run, the initial model (ICT's, else fresh) in
+    training mode on the run's device, and that model's metadata."""
     run = Run.open(cfg)
     check_k(cfg.retrieval.k, run.store, "retrieval.k")
     torch.manual_seed(cfg.seed)
     model, meta = initial_model(run)
     model.to(run.device).train()
-    from trainer.engine import TorchEngine
+    return run, model, meta
 
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Pre-training in this process: TorchEngine and a stop-the-world refresh (`cluster.backend=local`)."""
+    if cfg.refresh.mode != "sync":
+        log.info("cluster.backend=local refreshes stop-the-world (refresh.mode=async needs cluster.backend=ray)")
+    run, model, meta = setup(cfg)
     engine = TorchEngine(build_optimizer_groups(model, cfg), cfg.pretrain.steps, cfg.pretrain.warmup_steps,
                          cfg.pretrain.grad_clip, model=model)
-    log = MetricsLogger(run.dir, "pretrain", cfg)
+    metrics = MetricsLogger(run.dir, "pretrain", cfg)
     try:
         summary = train_loop(run, model, engine, lambda m, run_id, step: StopTheWorldIndex(
             run, m, run_id, step, meta.get("doc_encoder_id", "")),
-            log, init=meta.get("stage", ""))
+            metrics, init=meta.get("stage", ""))
     finally:
-        log.close()
-    print(f"pretrain: {summary['steps']} steps in {summary['seconds']:.1f} s; blocked by refresh "
-          f"{summary['refresh_blocked']:.1f} s ({100 * summary['stall_fraction']:.1f}% of wall time)")
+        metrics.close()
+    log.info("pretrain: %d steps in %.1f s; blocked by refresh %.1f s (%.1f%% of wall time)", summary["steps"],
+             summary["seconds"], summary["refresh_blocked"], 100 * summary["stall_fraction"])
     return summary

@@ -4,8 +4,10 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from indexer.io import InputError, read_jsonl
+from core.errors import InputError
+from core.records import read_jsonl
 
 
 @dataclass
@@ -71,3 +73,14 @@ def answer_in_text(text: str, answers: list[str], is_regex: bool = False) -> boo
         return any(re.search(a, text, flags=re.IGNORECASE) is not None for a in answers)
     t = f" {normalize_answer(text)} "
     return any(f" {normalize_answer(a)} " in t for a in answers if normalize_answer(a))
+
+
+def qa_file(cfg, key: str) -> str:
+    """data.qa_train / data.qa_eval, defaulting to the synthetic QA that `prepare` generated."""
+    given = getattr(cfg.data, key)
+    if given:
+        return given
+    generated = Path(cfg.run_dir) / "data" / f"{key}.jsonl"
+    if not cfg.data.corpus and generated.is_file():
+        return str(generated)
+    raise InputError(f"config key 'data.{key}': a QA JSONL file (question, answers) is required")

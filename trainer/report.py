@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from indexer.io import InputError
+from core.errors import InputError
 
 SKIP = {"job", "step", "time", "elapsed"}
 
@@ -73,5 +73,4 @@ def report(run_dir: str | Path) -> dict[str, str]:
         path = out_dir / f"{job}.png"
         if plot_job(latest, f"{run_dir.name}: {job}", path):
             written[job] = str(path)
-            print(f"report: {path}")
     return written

@@ -1,8 +1,6 @@
-"""The one place for reading user files and writing run files.
-
-Reading: `read_jsonl` / `read_records` turn every defect into an `InputError` whose message
-names file:line. Writing: `atomic_dir` / `atomic_write_bytes` write to a temporary sibling,
-fsync and rename, so a reader (or a later run) never sees a half-written file or directory.
+"""The one place run files are written: `atomic_dir` / `atomic_write_bytes` write to a temporary
+sibling, fsync and rename, so a reader (or a later run) never sees a half-written file or directory;
+`write_manifest` / `verify_manifest` record and check every file's size and sha256.
 """
 from __future__ import annotations
 
@@ -16,76 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-class InputError(Exception):
-    """Bad user input or a damaged file; the message is one line naming file:line or key."""
+from core.errors import InputError
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, object) for each non-blank line; errors name file:line."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: file not found")
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def require_str(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:
-    if key not in obj:
-        raise InputError(f"{where}: missing field '{key}'")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise InputError(f"{where}: field '{key}' is empty")
-    return value
-
-
-def optional_str(obj: dict, key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    return value
-
-
-def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Rows of a JSONL or Parquet file as (location, dict); location is 'file:line' or 'file:row N'."""
-    p = Path(path)
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        if not p.is_file():
-            raise InputError(f"{p}: file not found")
-        try:
-            table = pq.read_table(p)
-        except Exception as e:  # pyarrow raises several types for damaged files
-            raise InputError(f"{p}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{p}:row {i}", row
-    else:
-        for lineno, obj in read_jsonl(p):
-            yield f"{p}:{lineno}", obj
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
@@ -129,7 +64,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success fsync it and rename it to `path`.
 
     On any error the temp dir is removed and `path` is untouched. Temp dirs start with '.tmp-'
@@ -142,8 +77,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         yield tmp
         fsync_tree(tmp)
         if p.exists():
-            if not overwrite:
-                raise FileExistsError(f"{p}: already exists")
             old = p.parent / f".old-{p.name}-{os.getpid()}"
             os.replace(p, old)
             os.replace(tmp, p)

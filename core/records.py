@@ -1,0 +1,70 @@
+"""The one place user files are read: every defect becomes an `InputError` naming file:line."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from core.errors import InputError
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, object) for each non-blank line; errors name file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{p}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def require_str(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise InputError(f"{where}: missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InputError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def optional_str(obj: dict, key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Rows of a JSONL or Parquet file as (location, dict); location is 'file:line' or 'file:row N'."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not p.is_file():
+            raise InputError(f"{p}: file not found")
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # pyarrow raises several types for damaged files
+            raise InputError(f"{p}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{p}:row {i}", row
+    else:
+        for lineno, obj in read_jsonl(p):
+            yield f"{p}:{lineno}", obj

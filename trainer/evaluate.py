@@ -1,0 +1,75 @@
+"""`launch.py evaluate`: masked-span accuracy on held-out statements (task=mlm), or Open-QA exact
+match (task=openqa). Each writes run_dir/metrics.json and returns the metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from core.errors import InputError
+from core.files import atomic_write_bytes, atomic_write_json
+from trainer import data as D
+from trainer.checkpoint import load_model
+from trainer.config import TrainConfig
+from trainer.index_client import index_for_model, retrieve
+from trainer.model import marginal_token_log_probs, spans_correct
+from trainer.qa import QAExample, qa_file, read_qa
+from trainer.qa_system import answer_questions, load_qa_system, resolve_qa_model_dir
+from trainer.run import Run, check_k, resolve_model_dir
+
+
+def evaluate(cfg: TrainConfig) -> dict:
+    return evaluate_openqa(cfg) if cfg.task == "openqa" else evaluate_masked_spans(cfg)
+
+
+@torch.no_grad()
+def evaluate_masked_spans(cfg: TrainConfig) -> dict:
+    """Masked-span accuracy with and without retrieval, and retrieval recall@k, on held-out examples."""
+    run = Run.open(cfg)
+    k = cfg.eval.k
+    check_k(k, run.store, "eval.k")
+    model_dir = resolve_model_dir(run.dir, cfg.eval.model)
+    model, meta = load_model(model_dir)
+    model.to(run.device).eval()
+    index = index_for_model(run, model, meta)
+    examples = D.read_examples(run.dir / "examples" / "eval.parquet")[:cfg.data.max_eval_examples]
+    rng = np.random.default_rng(12345)  # the same masked span every evaluation
+    queries = [q for ex in examples if (q := D.mask_example(ex, run.tok, run.vocab, cfg.model.query_max_len, rng,
+                                                              cfg.masking.mode, cfg.masking.random_span_max))]
+    if not queries:
+        raise InputError(f"{run.dir}/examples/eval.parquet: no evaluable examples")
+    correct = correct_null = recall_hits = recall_n = 0
+    for i in range(0, len(queries), cfg.eval.batch_size):
+        qs = queries[i:i + cfg.eval.batch_size]
+        _, cand = retrieve(model, index, run, qs, k)
+        batch = D.collate_realm(qs, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
+        token_lp = model.token_log_probs(batch)                              # [B, Z, M, V]
+        marginal = marginal_token_log_probs(model.relevance(batch), token_lp)
+        correct += int(spans_correct(marginal, batch.targets, batch.target_mask).sum())
+        correct_null += int(spans_correct(token_lp[:, 0], batch.targets, batch.target_mask).sum())
+        hits = D.gold_hits(qs, cand)
+        recall_n, recall_hits = recall_n + len(hits), recall_hits + sum(hits)
+    n = len(queries)
+    metrics = {"mlm_accuracy": correct / n, "mlm_accuracy_no_retrieval": correct_null / n,
+               "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None,
+               "k": k, "n": n, "n_with_gold": recall_n, "model": str(model_dir), "model_step": meta.get("step"),
+               "index_version": index.version}
+    atomic_write_json(run.dir / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_openqa(cfg: TrainConfig) -> dict:
+    """Exact match and answer-in-top-k on data.qa_eval; also writes run_dir/predictions.jsonl."""
+    examples: list[QAExample] = read_qa(qa_file(cfg, "qa_eval"))[:cfg.data.max_eval_examples]
+    system = load_qa_system(cfg, cfg.eval.model)
+    k = cfg.finetune.k
+    records = answer_questions(system, examples, k, cfg.finetune.max_answer_len, cfg.eval.batch_size)
+    n = len(examples)
+    metrics = {"exact_match": sum(r["exact_match"] for r in records) / n,
+               "retrieval_recall_at_k": sum(r["answer_in_top_k"] for r in records) / n, "k": k, "n": n,
+               "index_version": system.index.version,
+               "model": str(resolve_qa_model_dir(system.run.dir, cfg.eval.model)), "retrieval": cfg.finetune.retrieval}
+    atomic_write_bytes(system.run.dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write_json(system.run.dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,127 @@
+"""Where top-k comes from while training and evaluating, and when the corpus is re-embedded.
+
+The training loop talks to an `IndexClient`: `StopTheWorldIndex` (here) re-embeds the corpus in
+this process and blocks; `cluster.actors.ServiceIndex` asks the Ray shard service and only
+publishes the doc encoder for the embedding workers. `index_staleness` and `refresh_due` are the
+schedule both follow. Evaluation and fine-tuning read a stored version (`index_for_model`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from indexer.embed import embed_blocks
+from indexer.shards import ShardedIndex
+from indexer.versions import IndexVersions
+from trainer import data as D
+from trainer.run import Run
+
+
+class IndexClient(Protocol):
+    """What the training loop needs of an index."""
+
+    version: int           # the index version the last search used
+    checkpoint_step: int   # the training step whose doc encoder built it
+    stats: dict            # refresh_seconds, refresh_blocks_per_s of the newest refresh
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """queries [B, dim] float32 -> scores [B, k] float32, ids [B, k] int64; excluded ids never returned."""
+
+    def before_step(self, step: int) -> float:
+        """Seconds waited for a fresh enough index before `step`."""
+
+    def after_step(self, model, step: int) -> float:
+        """Publish or refresh when due after `step`; seconds the trainer was blocked."""
+
+
+def index_staleness(step: int, index_step: int, frozen_steps: int) -> int:
+    """Doc-encoder updates, at `step`, that an index built at `index_step` has not seen. The retriever
+    does not move in its first `frozen_steps` steps, so an index built at any step up to then is as
+    fresh as one built at `frozen_steps`: no refresh is needed (or waited for) before the tower moves."""
+    return max(0, step - max(index_step, min(frozen_steps, step)))
+
+
+def refresh_due(step: int, every: int, total: int, frozen_steps: int) -> bool:
+    """Publish at every `every` steps, except at the end (the run's final model is published by the next
+    stage) and while the retriever is frozen (the doc tower is still the one the index was built from)."""
+    return step % every == 0 and frozen_steps < step < total
+
+
+@torch.no_grad()
+def retrieve(model, index, run: Run, queries: list[D.MaskedQuery], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k candidates for masked queries from the (possibly stale) index, exclusions applied."""
+    ids, mask = D.pad_batch([q.ids for q in queries], run.vocab.pad)
+    emb = model.retriever.embed_queries(ids.to(run.device), mask.to(run.device)).float().cpu().numpy()
+    return index.search(emb, k, D.exclusion_matrix(queries))
+
+
+def refresh_index(run: Run, model, step: int, doc_encoder_id: str) -> ShardedIndex:
+    """Stop-the-world refresh: embed every block with the current doc encoder, publish, load."""
+    emb = embed_blocks(model.retriever.doc_tower, run.store, batch_size=64, device=run.device,
+                       pad_id=run.vocab.pad, progress=sys.stderr.isatty())
+    v = run.versions.publish(emb, checkpoint_step=step, extra={"doc_encoder_id": doc_encoder_id})
+    run.versions.gc(run.cfg.refresh.keep_versions)
+    return ShardedIndex(emb, 1, v.version, step)
+
+
+def stored_index(run: Run, *doc_encoder_ids: str) -> ShardedIndex | None:
+    """A committed index version built by one of these doc encoders (in that order of preference)."""
+    for doc_encoder_id in filter(None, doc_encoder_ids):
+        v = run.versions.find(doc_encoder_id=doc_encoder_id)
+        if v is not None and v.rows == len(run.store):
+            return ShardedIndex(IndexVersions.load_rows(v), 1, v.version, v.checkpoint_step)
+    return None
+
+
+def index_for_model(run: Run, model, meta: dict) -> ShardedIndex:
+    """The stored index this model's doc encoder built, else a fresh one (published)."""
+    doc_encoder_id = meta.get("doc_encoder_id", "")
+    return stored_index(run, doc_encoder_id) or refresh_index(run, model, meta.get("step", 0), doc_encoder_id)
+
+
+class StopTheWorldIndex:
+    """The single-process IndexClient: every `refresh.every_steps` the trainer stops and re-embeds the corpus.
+
+    At the start it reuses a stored version built by the same doc encoder (ICT's at step 0, this
+    run's own at a resume step) instead of re-embedding the corpus.
+    """
+
+    def __init__(self, run: Run, model, run_id: str, start_step: int, initial_id: str = ""):
+        self.run, self.run_id = run, run_id
+        self.every, self.total = run.cfg.refresh.every_steps, run.cfg.pretrain.steps
+        self.frozen_steps = run.cfg.pretrain.freeze_retriever_steps
+        self.stats = {}
+        self.index = stored_index(run, f"{run_id}-{start_step}", initial_id if start_step == 0 else "")
+        if self.index is None:
+            self._refresh(model, start_step)
+
+    def _refresh(self, model, step: int) -> float:
+        t0 = time.perf_counter()
+        self.index = refresh_index(self.run, model, step, f"{self.run_id}-{step}")
+        seconds = time.perf_counter() - t0
+        self.stats = {"refresh_seconds": seconds, "refresh_blocks_per_s": self.index.rows / seconds}
+        return seconds
+
+    @property
+    def version(self) -> int:
+        return self.index.version
+
+    @property
+    def checkpoint_step(self) -> int:
+        return self.index.checkpoint_step
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
+        return self.index.search(queries, k, exclude)
+
+    def before_step(self, step: int) -> float:
+        return 0.0
+
+    def after_step(self, model, step: int) -> float:
+        if not refresh_due(step, self.every, self.total, self.frozen_steps):
+            return 0.0
+        return self._refresh(model, step)

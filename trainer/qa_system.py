@@ -1,0 +1,157 @@
+"""An Open-QA model with its fixed index: what answers a question (evaluate, query, the benchmarks).
+
+p(y|x) = Σ_{z ∈ top-k} p(z|x) Σ_{s ∈ z, text(s) = y} p(s|z,x); the doc encoder and the index
+stay fixed (ORQA/REALM fine-tuning), so relevance uses the index's own embeddings and only the
+query side gets gradients.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import InputError
+from indexer.embed import pad_batch
+from indexer.shards import ShardedIndex
+from trainer.checkpoint import load_model
+from trainer.config import TrainConfig
+from trainer.index_client import index_for_model
+from trainer.model import REALM, OpenQAModel, span_log_softmax
+from trainer.qa import QAExample, answer_in_text, exact_match
+from trainer.qa_batch import make_qa_batch
+from trainer.run import Run, check_k, resolve_model_dir
+
+
+class QASystem:
+    """A model, its fixed index and the doc embeddings behind it: everything a question needs."""
+
+    def __init__(self, run: Run, model: OpenQAModel | REALM, meta: dict, retrieval: str = "index",
+                 index: ShardedIndex | None = None):
+        """`index`: the corpus embedded by this model's doc encoder (default: the run's, built if missing)."""
+        self.run, self.meta, self.retrieval = run, meta, retrieval
+        if isinstance(model, REALM):  # fine-tuning starts here: the span reader reads with the KAE's BERT
+            model = OpenQAModel(model.retriever, model.reader.bert)
+        self.model = model.to(run.device)
+        self.index = index if index is not None else index_for_model(run, model, meta)
+        self.doc_emb = torch.as_tensor(np.array(self.index.embeddings))
+        self.rng = np.random.default_rng(0)
+
+    def encode_questions(self, questions: list[str]) -> list[np.ndarray]:
+        v, n = self.run.vocab, self.run.cfg.model.query_max_len - 2
+        return [np.array([v.cls] + self.run.tok.encode(q, add_special_tokens=False).ids[:n] + [v.sep], np.int64)
+                for q in questions]
+
+    def relevance(self, q_ids: torch.Tensor, q_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Scores [B, k] against the fixed doc embeddings (grad to the query tower) and ids [B, k]."""
+        q = self.model.retriever.embed_queries(q_ids.to(self.run.device), q_mask.to(self.run.device))
+        if self.retrieval == "random":
+            ids = np.stack([self.rng.choice(len(self.doc_emb), size=k, replace=False) for _ in range(len(q))])
+        else:
+            _, ids = self.index.search(q.detach().float().cpu().numpy(), k)
+        d = self.doc_emb[torch.from_numpy(np.maximum(ids, 0))].to(q.device)
+        scores = torch.einsum("bd,bkd->bk", q.float(), d)
+        return scores.masked_fill(torch.from_numpy(ids < 0).to(q.device), float("-inf")), ids
+
+    def answer_ids(self, answers: list[str]) -> list[list[int]]:
+        return [self.run.tok.encode(a, add_special_tokens=False).ids for a in answers]
+
+    def forward(self, questions: list[str], answers: list[list[str]] | None, k: int, max_answer_len: int):
+        q = self.encode_questions(questions)
+        q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
+        scores, cand = self.relevance(q_ids, q_mask, k)
+        ans = [self.answer_ids(a) for a in answers] if answers else [[] for _ in questions]
+        batch = make_qa_batch(self.run.store, self.run.vocab, q, cand, ans, self.run.cfg.model.reader_max_len,
+                              max_answer_len)
+        B, K, L = batch.reader_ids.shape
+        dev = self.run.device
+        span = self.model.span_scores(batch.reader_ids.view(B * K, L).to(dev), batch.reader_mask.view(B * K, L).to(dev),
+                                      batch.reader_types.view(B * K, L).to(dev),
+                                      batch.span_mask.view(B * K, L, -1).to(dev)).view(B, K, L, -1)
+        return scores, cand, span, batch
+
+    def predict(self, questions: list[str], k: int, max_answer_len: int) -> list[dict]:
+        """Best span across the top-k (log p(z|x) + log p(s|z,x)) and each question's top-k."""
+        with torch.no_grad():
+            scores, cand, span, batch = self.forward(questions, None, k, max_answer_len)
+        log_p_z = scores.log_softmax(-1)
+        total = (log_p_z[:, :, None] + span_log_softmax(span)).flatten(1)
+        out = []
+        A = span.shape[-1]
+        L = span.shape[2]
+        for b in range(len(questions)):
+            best = int(total[b].argmax())
+            z, rest = divmod(best, L * A)
+            i, a = divmod(rest, A)
+            block = int(cand[b, z])
+            text, (cs, ce) = self.span_text(block, i - int(batch.text_start[b, z]), a + 1)
+            out.append({"prediction": text, "block_id": block, "char_span": [cs, ce],
+                        "top_k": [int(c) for c in cand[b]], "scores": [float(s) for s in scores[b].float().cpu()],
+                        "score": float(total[b, best])})
+        return out
+
+    def span_text(self, block: int, first: int, length: int) -> tuple[str, tuple[int, int]]:
+        """Text of `length` wordpieces from the `first` text token of a block, via char offsets."""
+        if block < 0:
+            return "", (0, 0)
+        text = self.run.store.text(block)
+        offsets = self.run.tok.encode(text, add_special_tokens=False).offsets
+        if not offsets:
+            return "", (0, 0)
+        first = min(max(first, 0), len(offsets) - 1)
+        last = min(first + length - 1, len(offsets) - 1)
+        return text[offsets[first][0]:offsets[last][1]], (offsets[first][0], offsets[last][1])
+
+
+def resolve_qa_model_dir(run_dir: Path, spec: str) -> Path:
+    return resolve_model_dir(run_dir, spec, auto=("qa", "realm", "ict"))
+
+
+def load_qa_system(cfg: TrainConfig, spec: str) -> QASystem:
+    run = Run.open(cfg)
+    check_k(cfg.finetune.k, run.store, "finetune.k")
+    model, meta = load_model(resolve_qa_model_dir(run.dir, spec))
+    return QASystem(run, model, meta, cfg.finetune.retrieval)
+
+
+def answer_questions(system: QASystem, examples: list[QAExample], k: int, max_answer_len: int, batch_size: int
+                     ) -> list[dict]:
+    """One record per question: prediction, exact match, answer string in the top-k blocks, top-k ids."""
+    system.model.eval()
+    records = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        for ex, pred in zip(chunk, system.predict([e.question for e in chunk], k, max_answer_len)):
+            records.append({"question": ex.question, "prediction": pred["prediction"], "gold": ex.answers,
+                            "exact_match": exact_match(pred["prediction"], ex.answers, ex.is_regex),
+                            "answer_in_top_k": any(answer_in_text(system.run.store.text(b), ex.answers, ex.is_regex)
+                                                   for b in pred["top_k"] if b >= 0),
+                            "top_k": pred["top_k"], "scores": pred["scores"]})
+    return records
+
+
+def query(cfg: TrainConfig) -> dict:
+    """`launch.py query`: the answer to `cfg.question`, its top-k blocks (the answer marked [[ ]] in its
+    block), and the seconds spent loading and answering."""
+    if not cfg.question.strip():
+        raise InputError("config key 'question': give the question, e.g. question=\"who wrote Hamlet?\"")
+    t0 = time.time()
+    system = load_qa_system(cfg, cfg.eval.model)
+    system.model.eval()
+    t1 = time.time()
+    pred = system.predict([cfg.question], cfg.finetune.k, cfg.finetune.max_answer_len)[0]
+    t2 = time.time()
+    blocks = []
+    for b, s in zip(pred["top_k"], pred["scores"]):
+        if b < 0:
+            continue
+        text = system.run.store.text(b)
+        if b == pred["block_id"]:
+            cs, ce = pred["char_span"]
+            snippet = text[max(0, cs - 80):cs] + "[[" + text[cs:ce] + "]]" + text[ce:ce + 80]
+        else:
+            snippet = text[:200]
+        blocks.append({"block_id": b, "title": system.run.store.title(b), "score": s, "snippet": snippet})
+    return {"question": cfg.question, "answer": pred["prediction"], "blocks": blocks,
+            "load_seconds": round(t1 - t0, 3), "query_seconds": round(t2 - t1, 3)}
