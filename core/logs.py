@@ -24,9 +24,24 @@ class RankZeroFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's capture, a Ray worker's redirected stream)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(rank: int = 0) -> None:
-    """Send our packages' records to stderr in FORMAT (idempotent: a second call only updates them)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send our packages' records to stderr in FORMAT (idempotent: a second call replaces the handler)."""
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     handler.addFilter(RankZeroFilter(rank))
     for name in PACKAGES:
