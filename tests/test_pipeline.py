@@ -44,6 +44,23 @@ def test_commands_chain_through_the_run_directory(tiny_cfg):
     assert evaluate(cfg)["index_version"] == 3
 
 
+def test_evaluate_scores_the_file_it_is_given(tiny_cfg, tiny_corpus, tmp_path):
+    lines = open(tiny_corpus["eval"]).read().splitlines()
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("\n".join(lines[:5]) + "\n")
+    second.write_text("\n".join(lines[5:14]) + "\n")
+    cfg = tiny_cfg("ict.steps=2")
+    prepare(cfg)
+    ict(cfg)
+    a = evaluate(tiny_cfg(f"data.eval={first}"))
+    b = evaluate(tiny_cfg(f"data.eval={second}"))
+    held_out = evaluate(tiny_cfg("data.eval=", "data.max_eval_examples=20"))
+    assert (a["n"], a["eval_file"]) == (5, str(first)) and (b["n"], b["eval_file"]) == (9, str(second))
+    assert held_out["n"] == 20 and held_out["eval_file"].endswith("examples/eval.parquet")
+    with pytest.raises(InputError, match="missing.jsonl: file not found"):
+        evaluate(tiny_cfg(f"data.eval={tmp_path / 'missing.jsonl'}"))
+
+
 def test_no_refresh_while_the_retriever_is_frozen(tiny_cfg):
     # Frozen for 3 steps, the doc tower is still ICT's: the refresh due at step 2 would re-embed the corpus
     # with the same weights, so it is skipped and the ICT index counts as fresh until step 3.

@@ -23,6 +23,18 @@ def evaluate(cfg: TrainConfig) -> dict:
     return evaluate_openqa(cfg) if cfg.task == "openqa" else evaluate_masked_spans(cfg)
 
 
+def eval_examples(cfg: TrainConfig, run: Run) -> tuple[list[D.Example], str]:
+    """`data.eval` when given (text JSONL, the pre-training data contract), else prepare's held-out
+    examples/eval.parquet; with the file scored."""
+    if cfg.data.eval:
+        examples = D.read_text_examples(cfg.data.eval, run.store)
+        if cfg.masking.mode == "salient":
+            examples = D.attach_salient_spans(examples, cfg.masking.ner)
+        return examples, cfg.data.eval
+    path = run.dir / "examples" / "eval.parquet"
+    return D.read_examples(path), str(path)
+
+
 @torch.no_grad()
 def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     """Masked-span accuracy with and without retrieval, and retrieval recall@k, on held-out examples."""
@@ -33,12 +45,13 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     model, meta = load_model(model_dir)
     model.to(run.device).eval()
     index = index_for_model(run, model, meta)
-    examples = D.read_examples(run.dir / "examples" / "eval.parquet")[:cfg.data.max_eval_examples]
+    examples, source = eval_examples(cfg, run)
+    examples = examples[:cfg.data.max_eval_examples]
     rng = np.random.default_rng(12345)  # the same masked span every evaluation
     queries = [q for ex in examples if (q := D.mask_example(ex, run.tok, run.vocab, cfg.model.query_max_len, rng,
                                                               cfg.masking.mode, cfg.masking.random_span_max))]
     if not queries:
-        raise InputError(f"{run.dir}/examples/eval.parquet: no evaluable examples")
+        raise InputError(f"{source}: no evaluable examples")
     correct = correct_null = recall_hits = recall_n = 0
     for i in range(0, len(queries), cfg.eval.batch_size):
         qs = queries[i:i + cfg.eval.batch_size]
@@ -54,7 +67,7 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     metrics = {"mlm_accuracy": correct / n, "mlm_accuracy_no_retrieval": correct_null / n,
                "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None,
                "k": k, "n": n, "n_with_gold": recall_n, "model": str(model_dir), "model_step": meta.get("step"),
-               "index_version": index.version}
+               "index_version": index.version, "eval_file": source}
     atomic_write_json(run.dir / "metrics.json", metrics)
     return metrics
 
