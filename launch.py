@@ -5,7 +5,10 @@ Commands: prepare | ict | pretrain | finetune | evaluate | query | report. Every
 from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
 question="..."; `report [RUN_DIR]` plots events.jsonl to RUN_DIR/report/*.png).
 A command's result goes to stdout (one JSON object; query: the answer and its blocks), progress to
-stderr. Bad input exits with status 2 and one line naming the file:line or key.
+stderr. Bad input exits with status 2 and one line naming the file:line or key. An override the
+command does not read is bad input (the error names the commands that read it); a script that
+passes one set of overrides to several commands names them all with --pipeline, and each command
+then skips the keys another of them reads.
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("--json", action="store_true", help="query: print one JSON object")
+    parser.add_argument("--pipeline", default="", metavar="CMD,CMD,...",
+                        help="the overrides are shared by these commands: skip the keys only another of them reads")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_intermixed_args(argv)  # options may follow the command or the overrides
 
@@ -79,16 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     from core.logs import setup_logging
 
     setup_logging()
+    pipeline = tuple(c.strip() for c in args.pipeline.split(",") if c.strip())
+    unknown = [c for c in pipeline if c not in COMMANDS]
+    if unknown:
+        print(f"error: --pipeline: unknown command '{unknown[0]}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     try:
         if args.command == "report":
             from trainer.report import report
 
             run_dirs = [o for o in args.overrides if "=" not in o]
-            cfg = load_config(args.config, [o for o in args.overrides if "=" in o])
+            cfg = load_config(args.config, [o for o in args.overrides if "=" in o], "report", pipeline)
             for path in report(run_dirs[0] if run_dirs else cfg.run_dir).values():
                 print(f"report: {path}")
             return 0
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, args.command, pipeline)
         print_result(args.command, run_command(args.command, cfg), args.json)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,8 +2,11 @@
 `launch.py` (and anything that starts the system) calls."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+
+import yaml
 
 from core.errors import InputError
 from core.schema import check_choices, check_positive, load_tree
@@ -45,8 +48,87 @@ def valid_keys() -> list[str]:
     return _valid_keys(Config)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """YAML at `path` (optional), then `dotted.key=value` overrides, validated and checked."""
+# The keys each `launch.py` command reads: dotted keys, or a section ("ict." = all of ict). The config file
+# describes the whole run, so it may set any key; a command-line override is for the one command it is given
+# to, and one that command does not read is refused, naming the commands that do (a user who passes
+# `evaluate data.eval=FILE` must get FILE scored or told, never a silent score of something else).
+# tests/test_command_keys.py records what each command really reads and checks it against this table.
+_COMPUTE = ("run_dir", "device", "threads")
+_MODEL_SHAPE = ("model.init", "model.retriever_layers", "model.reader_layers", "model.hidden_size",
+                "model.num_heads", "model.intermediate_size", "model.retrieval_dim", "model.pooling",
+                "model.reader_head", "model.proj_init", "model.proj_init_blocks", "model.proj_init_scale")
+_LENGTHS = ("model.query_max_len", "model.reader_max_len")
+_QA_READING = ("eval.model", "finetune.k", "finetune.max_answer_len", "finetune.retrieval", *_LENGTHS)
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "prepare": ("run_dir", "seed", "data.corpus", "data.synthetic_entities", "data.synthetic_relations",
+                "data.synthetic_phrasing", "data.pretrain", "data.eval", "data.eval_fraction", "data.max_eval_examples",
+                "data.max_doc_bytes",
+                "blocks.", "masking.mode", "masking.ner", "masking.min_sentence_chars"),
+    "ict": (*_COMPUTE, "seed", *_MODEL_SHAPE, "ict.", "refresh.keep_versions", "wandb."),
+    # pretrain builds a fresh model (model.*) when there is no ICT model to start from
+    "pretrain": (*_COMPUTE, "seed", "model.", "masking.mode", "masking.random_span_max", "retrieval.k",
+                 "pretrain.", "refresh.", "wandb.", "cluster."),
+    "finetune": (*_COMPUTE, "seed", "data.corpus", "data.qa_train", "finetune.", *_LENGTHS,
+                 "refresh.keep_versions", "wandb."),
+    "evaluate": (*_COMPUTE, "task", "eval.", "data.eval", "data.max_eval_examples", "data.corpus", "data.qa_eval",
+                 "masking.mode", "masking.ner", "masking.random_span_max", *_QA_READING),
+    "query": (*_COMPUTE, "question", *_QA_READING),
+    "report": ("run_dir",),
+}
+
+
+def reads(command: str, key: str) -> bool:
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in COMMAND_KEYS[command])
+
+
+def readers(key: str) -> list[str]:
+    return [c for c in COMMAND_KEYS if reads(c, key)]
+
+
+def override_keys(item: str) -> list[str]:
+    """The leaf keys an override sets ("ict.lr=1e-4" -> ict.lr; "ict={lr: 1e-4, steps: 5}" -> both)."""
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key in valid_keys():
+        return [key]
+    try:
+        mapping = yaml.safe_load(value)
+    except yaml.YAMLError:
+        mapping = None
+    if isinstance(mapping, dict):
+        return [k for sub, v in mapping.items() for k in override_keys(f"{key}.{sub}={json.dumps(v)}")]
+    return [key]  # unknown: load_tree names it with the valid keys
+
+
+def overrides_for(command: str, overrides: list[str], pipeline: tuple[str, ...] = ()) -> list[str]:
+    """The overrides `command` reads. Any other is refused, naming the commands that read it, unless it is
+    read by another command of `pipeline` (a script passing one set of overrides to all its stages), in
+    which case this command skips it."""
+    kept = []
+    for item in overrides:
+        keys = [k for k in override_keys(item) if k in valid_keys()]
+        unread = [k for k in keys if not reads(command, k)]
+        if not unread:
+            kept.append(item)
+            continue
+        for k in unread:
+            if not any(reads(c, k) for c in pipeline):
+                who = ", ".join(readers(k)) or "no command"
+                where = f"any of {', '.join(pipeline)}" if pipeline else f"'{command}'"
+                raise InputError(f"config key '{k}' is not read by {where}; it is read by: {who}")
+        if len(unread) < len(keys):
+            raise InputError(f"override '{item.partition('=')[0]}': sets keys of several commands; "
+                             f"give {', '.join(unread)} on its own")
+    return kept
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), command: str | None = None,
+                pipeline: tuple[str, ...] = ()) -> Config:
+    """YAML at `path` (optional), then `dotted.key=value` overrides, validated and checked. With `command`,
+    an override that command does not read is refused (see COMMAND_KEYS and overrides_for)."""
+    if command is not None:
+        load_tree(Config, None, overrides)  # unknown keys first, with the list of valid ones
+        overrides = overrides_for(command, list(overrides), pipeline)
     cfg = load_tree(Config, path, overrides)
     check_config(cfg)
     return cfg

@@ -14,8 +14,9 @@ GCS_PORT=${GCS_PORT:-$(free_port)}
 export PATH="$PWD/.venv/bin:$PATH" RAY_AUTH_MODE=token HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # shellcheck disable=SC2207  # one override per line, none with spaces
 SMALL=($(python -c 'from trainer.config import SMOKE_RUN; print("\n".join(SMOKE_RUN))') threads=1)
-python launch.py prepare run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
-python launch.py ict run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
+STAGES=(--pipeline prepare,ict,pretrain,evaluate)  # SMOKE_RUN is for a whole run: each command takes its keys
+python launch.py prepare "${STAGES[@]}" run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
+python launch.py ict "${STAGES[@]}" run_dir="$RUN_DIR" "${SMALL[@]}" >/dev/null
 
 # Our own temp dir and GCS port: this head's processes carry one of them on their command line,
 # or (agents, which rename themselves) its raylet's PID in their environment. The clean-up stops
@@ -47,7 +48,7 @@ JOB_ID="realm-check-$$"
 for attempt in $(seq 30); do
   if out=$(ray job submit --address "$ADDRESS" --submission-id "$JOB_ID" --no-wait --working-dir . \
       --runtime-env-json "$(cat configs/cluster_runtime_env.json)" \
-      -- python launch.py pretrain run_dir="$RUN_DIR" cluster.address=auto "${SMALL[@]}" \
+      -- python launch.py pretrain "${STAGES[@]}" run_dir="$RUN_DIR" cluster.address=auto "${SMALL[@]}" \
          pretrain.steps=6 pretrain.batch_size=4 refresh.every_steps=2 refresh.max_staleness=2 \
          pretrain.log_every=1 2>&1); then break; fi
   grep -q "No available agent" <<<"$out" || { echo "$out" >&2; exit 1; }

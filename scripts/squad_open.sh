@@ -3,7 +3,8 @@
 # from REALM -> the retrieval comparison (BM25, MiniLM off the shelf, our models) into docs/RESULTS.md.
 # Budget: 60 minutes on 2 quiet CPU cores; each stage prints its wall time.
 #
-#   bash scripts/squad_open.sh [dotted.key=value ...]      overrides apply to every step
+#   bash scripts/squad_open.sh [dotted.key=value ...]      each step takes the overrides it reads (a key
+#                                                          no step reads is refused)
 #   CONFIG=configs/squad_open_gpu.yaml PYTHON=python3 bash scripts/squad_open.sh
 #   RESULTS=path.md PLOT=path.png bash scripts/squad_open.sh   the comparison's outputs elsewhere
 #
@@ -22,7 +23,7 @@ stage() {  # stage NAME COMMAND...: runs it and prints its wall time
   echo "== $name: $((SECONDS - t0)) s (total $SECONDS s) ==" >&2
 }
 
-launch() { "$PY" launch.py --config "$CONFIG" "$@"; }
+launch() { "$PY" launch.py --config "$CONFIG" --pipeline prepare,ict,finetune,pretrain,evaluate "$@"; }  # compare evaluates
 
 stage prepare launch prepare "$@"
 stage ict launch ict "$@"

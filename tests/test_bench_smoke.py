@@ -120,7 +120,7 @@ def test_e2e_demo_smoke(tmp_path):
     text = run_bench("e2e_demo.py", tmp_path / "R.md")
     check_section(text, "End-to-end demo wall time")
     stages = [r["stage"] for r in table(text, "stage")]
-    assert stages == ["prepare", "ict", "pretrain", "evaluate eval.model=realm", "finetune",
+    assert stages == ["prepare", "ict", "evaluate eval.model=ict", "pretrain", "evaluate eval.model=realm", "finetune",
                       "evaluate task=openqa", "total"]
 
 

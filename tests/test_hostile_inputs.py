@@ -34,7 +34,9 @@ def trained_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     paths = write_synthetic(base / "data", num_entities=30, seed=1)
     run = base / "run"
-    common = [f"run_dir={run}", f"data.corpus={paths['corpus']}", f"data.pretrain={paths['pretrain']}",
+    # one set of overrides for every command these tests run, as a multi-stage script passes them
+    common = ["--pipeline", "prepare,ict,pretrain,evaluate",
+              f"run_dir={run}", f"data.corpus={paths['corpus']}", f"data.pretrain={paths['pretrain']}",
               f"data.eval={paths['eval']}", "ict.steps=1", "ict.batch_size=4", "retrieval.k=2", "eval.k=2",
               "cluster.backend=local", *TINY_MODEL]
     for cmd in ("prepare", "ict"):
@@ -177,4 +179,4 @@ def test_bad_config_files(tmp_path):
     bad.write_text("pretrain: [1, 2\n")
     assert "bad.yaml: not valid YAML" in error_line(launch("prepare", "--config", str(bad)))
     assert "config key 'cluster.zero_stage': expected one of 0, 1, 2, got 3" in error_line(
-        launch("prepare", "cluster.zero_stage=3"))
+        launch("pretrain", "cluster.zero_stage=3"))

@@ -22,7 +22,7 @@ STEPS = ["pretrain.steps=14", "pretrain.checkpoint_every=2", "refresh.every_step
 
 def cli_args(cfg, *extra) -> list[str]:
     c = cfg
-    return [sys.executable, str(ROOT / "launch.py"), "pretrain", f"run_dir={c.run_dir}", f"data.corpus={c.data.corpus}",
+    return [sys.executable, str(ROOT / "launch.py"), "pretrain", f"run_dir={c.run_dir}",
             "model.init=random", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
             "model.retriever_layers=1", "model.reader_layers=1", "model.query_max_len=32", "model.reader_max_len=96",
             "threads=1", "retrieval.k=3", "pretrain.batch_size=4", *STEPS, *extra]

@@ -76,6 +76,7 @@ def test_recipe_runs_end_to_end_and_writes_the_comparison(tmp_path, capsys):
     import launch
 
     assert launch.main(["--config", str(ROOT / "configs" / "squad_open.yaml"), "--json", "query", *overrides,
+                        "--pipeline", "prepare,ict,pretrain,finetune,evaluate,query",
                         "question=What is the third type of rock?"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["question"] == "What is the third type of rock?" and len(answer["blocks"]) == 2
