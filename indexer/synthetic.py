@@ -5,7 +5,8 @@ year, profession and instrument among filler sentences (`relations="basic"`). `"
 a birth city, a work city, a graduation year and a marriage year: three cities and three years per
 document, so a reader must match the relation a question asks about, not just the answer's type.
 Pre-training and eval statements say one attribute in *new wording*, with that attribute as the
-`answer` and the entity's document as `gold_id`. Eval statements are about entities never seen in
+`answer` and the entity's document as `gold_id`; with `phrasing="disjoint"` the eval statements use
+paraphrases that no pre-training statement uses (PARAPHRASES). Eval statements are about entities never seen in
 pre-training statements, so predicting them needs retrieval + reading, not memorization. QA pairs
 ("What is the hometown of X?") follow the same split: qa_eval asks only about held-out entities.
 """
@@ -66,7 +67,49 @@ STATEMENTS = {
     "graduation_year": ["The graduation year of {n} is {v}.", "{n} earned a degree in {v}."],
     "marriage_year": ["The marriage year of {n} is {v}.", "{n} wed in {v}."],
 }
+# `phrasing="disjoint"`: pre-training statements draw from PARAPHRASES[rel][0] and eval statements from
+# PARAPHRASES[rel][1], which share no template (nor DOC_FACTS' wording), and the answer moves around the
+# sentence; a reader that learned the training wordings instead of matching the relation in z fails on them.
+PARAPHRASES = {
+    "city": (["The hometown of {n} is {v}.", "{n} grew up in the city of {v}.", "{v} is where {n} spent a childhood.",
+              "As a child, {n} lived in {v}.", "Friends know {n} as a person from {v}.",
+              "Growing up, {n} called {v} home."],
+             ["{n}'s home town is {v}.", "It was in {v} that {n} was brought up.", "{n} hails from {v}."]),
+    "year": (["The birth year of {n} is {v}.", "{n} came into the world in {v}.", "In {v}, {n} was born.",
+              "{v} is the year {n} was born.", "Born in {v}, {n} is the subject of this note.",
+              "The year of birth of {n} was {v}."],
+             ["{n}'s date of birth falls in {v}.", "It was in {v} that {n} entered the world.",
+              "{n}, born {v}, is recorded here."]),
+    "profession": (["By trade, {n} is a {v}.", "The occupation of {n} is {v}.", "{n} earns a living as a {v}.",
+                    "A {v} by profession, {n} is well known locally.", "The job of {n} is {v}.",
+                    "{n} has always worked as a {v}."],
+                   ["{n}'s profession is {v}.", "For work, {n} is a {v}.", "{n} makes money as a {v}."]),
+    "instrument": (["The musical instrument of {n} is the {v}.", "{n} is a player of the {v}.",
+                    "The {v} is the instrument {n} plays.", "In the evenings {n} practises the {v}.",
+                    "{n} performs on the {v}.", "Music lovers have heard {n} on the {v}."],
+                   ["{n}'s instrument is the {v}.", "It is the {v} that {n} plays.", "{n} is skilled at the {v}."]),
+    "birth_city": (["The birthplace of {n} is {v}.", "{n} was delivered in a hospital in {v}.",
+                    "{v} is the city where {n} was born.", "The city of birth of {n} is {v}.",
+                    "{n} first saw daylight in {v}.", "At birth, {n} was in {v}."],
+                   ["{n}'s place of birth is {v}.", "It was in {v} that {n} was born.",
+                    "{n} was born a citizen of {v}."]),
+    "work_city": (["The workplace of {n} is in {v}.", "{n} goes to work in {v}.", "{v} is where {n} works.",
+                   "Each morning {n} travels to an office in {v}.", "The employer of {n} is based in {v}.",
+                   "{n} holds a job in {v}."],
+                  ["{n}'s office is located in {v}.", "It is in {v} that {n} works.", "{n} is employed in {v}."]),
+    "graduation_year": (["The graduation year of {n} is {v}.", "{n} earned a degree in {v}.",
+                         "In {v}, {n} graduated.", "{v} is the year {n} left university with a degree.",
+                         "The diploma of {n} is dated {v}.", "{n} completed studies in {v}."],
+                        ["{n}'s year of graduation is {v}.", "It was in {v} that {n} graduated.",
+                         "{n} received a diploma in {v}."]),
+    "marriage_year": (["The marriage year of {n} is {v}.", "{n} wed in {v}.", "In {v}, {n} was married.",
+                       "{v} is the year {n} married.", "The wedding year of {n} is {v}.",
+                       "{n} said yes at a wedding in {v}."],
+                      ["{n}'s year of marriage is {v}.", "It was in {v} that {n} wed.",
+                       "{n} has been married since {v}."]),
+}
 RELATIONS = {"basic": tuple(DOC_FACTS)[:4], "confusable": tuple(DOC_FACTS)}
+PHRASINGS = ("shared", "disjoint")
 
 def _name(rng: np.random.Generator, used: set) -> str:
     while True:
@@ -86,10 +129,19 @@ def _extra_values(rng: np.random.Generator, values: dict, relations: tuple) -> N
                            else str(int(rng.integers(1700, 2000))))
 
 
-def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2, relations: str = "basic"
-             ) -> dict[str, list[dict]]:
+def _statement(rng: np.random.Generator, attr: str, held_out: bool, phrasing: str) -> str:
+    if phrasing == "shared":  # one template pool for pre-training and eval statements
+        return STATEMENTS[attr][int(rng.integers(2))]
+    pool = PARAPHRASES[attr][1 if held_out else 0]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2, relations: str = "basic",
+             phrasing: str = "shared") -> dict[str, list[dict]]:
     if relations not in RELATIONS:
         raise ValueError(f"relations {relations!r}: expected one of {', '.join(RELATIONS)}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing {phrasing!r}: expected one of {', '.join(PHRASINGS)}")
     rels = RELATIONS[relations]
     rng = np.random.default_rng(seed)
     used: set = set()
@@ -107,16 +159,17 @@ def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2, relat
         corpus.append({"id": doc_id, "title": name, "text": text})
         held_out = i >= num_entities - n_eval
         for attr, v in values.items():
-            text = STATEMENTS[attr][int(rng.integers(2))].format(n=name, v=v)
+            text = _statement(rng, attr, held_out, phrasing).format(n=name, v=v)
             (evals if held_out else train).append({"text": text, "answer": v, "gold_id": doc_id, "attribute": attr})
             question = QUESTIONS[attr][int(rng.integers(2))].format(n=name)
             (qa_eval if held_out else qa_train).append({"question": question, "answers": [v], "gold_id": doc_id})
     return {"corpus": corpus, "pretrain": train, "eval": evals, "qa_train": qa_train, "qa_eval": qa_eval}
 
 
-def write_synthetic(out_dir: Path, num_entities: int, seed: int = 0, relations: str = "basic") -> dict[str, Path]:
+def write_synthetic(out_dir: Path, num_entities: int, seed: int = 0, relations: str = "basic",
+                    phrasing: str = "shared") -> dict[str, Path]:
     """corpus, pretrain, eval, qa_train and qa_eval .jsonl under out_dir (each written atomically)."""
-    data = generate(num_entities, seed, relations=relations)
+    data = generate(num_entities, seed, relations=relations, phrasing=phrasing)
     paths = {}
     for name, rows in data.items():
         path = out_dir / f"{name}.jsonl"

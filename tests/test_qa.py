@@ -136,3 +136,35 @@ def test_confusable_synthetic_corpus_needs_the_relation_not_the_type():
     assert held_out and not held_out & {qa["gold_id"] for qa in hard["qa_train"]}
     with pytest.raises(ValueError, match="relations 'hard'"):
         generate(3, relations="hard")
+
+
+def test_disjoint_phrasing_keeps_eval_wordings_out_of_pre_training():
+    import re
+
+    from indexer.synthetic import PARAPHRASES, generate
+
+    def pattern(t, answer):
+        return re.escape(t).replace(re.escape("{n}"), ".+").replace(re.escape("{v}"), re.escape(answer))
+
+    def template(text, answer, rel):  # which of rel's paraphrase templates wrote text
+        hits = [(side, t) for side in (0, 1) for t in PARAPHRASES[rel][side]
+                if re.fullmatch(pattern(t, answer), text)]
+        assert len(hits) == 1, (text, hits)
+        return hits[0]
+
+    data = generate(200, seed=2, relations="confusable", phrasing="disjoint")
+    assert generate(30, seed=1) == generate(30, seed=1, phrasing="shared")  # the default corpus is unchanged
+    seen = {0: set(), 1: set()}
+    for side, rows in ((0, data["pretrain"]), (1, data["eval"])):
+        for row in rows:
+            got_side, t = template(row["text"], row["answer"], row["attribute"])
+            assert got_side == side
+            seen[side].add(t)
+    assert not seen[0] & seen[1]
+    assert len(seen[1]) == sum(len(p[1]) for p in PARAPHRASES.values())  # every eval wording is used
+    docs = {d["id"]: d["text"] for d in data["corpus"]}
+    assert not any(row["text"] in docs[row["gold_id"]] for row in data["eval"])  # the documents keep their own wording
+    assert len({r["gold_id"] for r in data["eval"]}) == 40 and not (
+        {r["gold_id"] for r in data["eval"]} & {r["gold_id"] for r in data["pretrain"]})
+    with pytest.raises(ValueError, match="phrasing 'new'"):
+        generate(3, phrasing="new")

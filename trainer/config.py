@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from core.errors import InputError
 from core.schema import check_choices, check_positive
-from indexer.synthetic import RELATIONS
+from indexer.synthetic import PHRASINGS, RELATIONS
 
 POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
 READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
@@ -22,6 +22,7 @@ class DataConfig:
     corpus: str = ""               # JSONL or Parquet with id, title, text; empty = synthetic corpus
     synthetic_entities: int = 600  # size of the generated corpus when data.corpus is empty
     synthetic_relations: str = "basic"  # basic: 4 facts of distinct types a person; confusable: 8 (3 cities, 3 years)
+    synthetic_phrasing: str = "shared"  # disjoint: eval statements use wordings no pre-training statement uses
     pretrain: str = ""             # optional JSONL: text [, answer, source_id, gold_id]
     eval: str = ""                 # optional JSONL, same fields; else a held-out slice of pretrain
     eval_fraction: float = 0.1     # held-out share of pre-training examples when no eval file
@@ -192,6 +193,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
     check_choices({"masking.mode": (cfg.masking.mode, ("salient", "random")),
                    "data.synthetic_relations": (cfg.data.synthetic_relations, tuple(RELATIONS)),
+                   "data.synthetic_phrasing": (cfg.data.synthetic_phrasing, PHRASINGS),
                    "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
                    "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                    "model.pooling": (cfg.model.pooling, POOLINGS),

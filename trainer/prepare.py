@@ -22,7 +22,7 @@ def prepare(cfg: TrainConfig) -> dict:
     corpus, pretrain, evalf = cfg.data.corpus, cfg.data.pretrain, cfg.data.eval
     if not corpus:  # the embedded default: a generated synthetic-knowledge corpus
         paths = write_synthetic(run_dir / "data", cfg.data.synthetic_entities, cfg.seed,
-                                cfg.data.synthetic_relations)
+                                cfg.data.synthetic_relations, cfg.data.synthetic_phrasing)
         corpus, pretrain, evalf = str(paths["corpus"]), str(paths["pretrain"]), str(paths["eval"])
     meta = build_block_store(corpus, run_dir / "blocks", cfg.blocks.tokenizer, cfg.blocks.max_len,
                              cfg.blocks.max_title_len, cfg.data.max_doc_bytes)
