@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Single-node entry point: python launch.py <command> [--config configs/NAME.yaml] [dotted.key=value ...]
 
-Commands: prepare | ict | pretrain | finetune | evaluate | query | report. Every command reads
+Commands: prepare | ict | pretrain | finetune | evaluate | query | explain | report. Every command reads
 from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
-question="..."; `report [RUN_DIR]` plots events.jsonl to RUN_DIR/report/*.png).
-A command's result goes to stdout (one JSON object; query: the answer and its blocks), progress to
+question="..."; explain question="..." or text="..." answer="..."; `report [RUN_DIR]` plots events.jsonl
+to RUN_DIR/report/*.png).
+A command's result goes to stdout (one JSON object; query, explain: readable text, --json for one), progress to
 stderr. Bad input exits with status 2 and one line naming the file:line or key. An override the
 command does not read is bad input (the error names the commands that read it); a script that
 passes one set of overrides to several commands names them all with --pipeline, and each command
@@ -21,7 +22,7 @@ from core.env import set_offline_env
 
 set_offline_env()  # before transformers is imported anywhere: nothing is ever downloaded at run time
 
-COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "report")
+COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "explain", "report")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 
 
@@ -51,6 +52,10 @@ def run_command(command: str, cfg) -> dict:
         from trainer.evaluate import evaluate
 
         return evaluate(cfg)
+    if command == "explain":
+        from trainer.explain import explain
+
+        return explain(cfg)
     from trainer.qa_system import query
 
     return query(cfg)
@@ -62,10 +67,35 @@ def print_result(command: str, result: dict, as_json: bool) -> None:
         for i, blk in enumerate(result["blocks"], 1):
             print(f"{i}. [{blk['score']:.2f}] {blk['title']}\n   {blk['snippet']}")
         print(f"\n(load {result['load_seconds']} s, query {result['query_seconds']} s)", file=sys.stderr)
+    elif command == "explain" and not as_json:
+        print_explanation(result)
     elif command == "evaluate":
         print(json.dumps(result, indent=2))
     else:
         print(json.dumps({k: v for k, v in result.items() if k != "refresh_history"}), flush=True)
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
+def print_explanation(result: dict) -> None:
+    """`explain` as text: the prediction, then one row a block (the null document last, in text= mode)."""
+    if "question" in result:
+        print(f"Q: {result['question']}\nA: {result['prediction']}   p(y|x) {_p(result['probability'])}")
+    else:
+        verdict = "right" if result["correct"] else f"wrong; p(answer|x) {_p(result['answer_probability'])}"
+        print(f"x: {result['masked_text']}\nA: {result['prediction']}   p(y|x) {_p(result['probability'])} "
+              f"({verdict}: {result['answer']!r})")
+    print("\n    p(z|x)  p(y|z,x)  share   without it: answer (p)")
+    for i, blk in enumerate(result["blocks"], 1):
+        w = blk["without"]
+        without = "no candidate left" if w["prediction"] is None else f"{w['prediction']!r} ({_p(w['probability'])})"
+        print(f"{i:2d}. {_p(blk['p_z']):>6}  {_p(blk['p_y_given_z']):>8}  {blk['share']:.3f}   {without}")
+        name = blk["title"]
+        if blk["block_id"] is not None:
+            name = f"block {blk['block_id']} (doc {blk['doc_id']}): {name}"
+        print(f"    {name}" + (f"\n    {blk['evidence']}" if blk["evidence"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/tiny.yaml)")
-    parser.add_argument("--json", action="store_true", help="query: print one JSON object")
+    parser.add_argument("--json", action="store_true", help="query, explain: print one JSON object")
     parser.add_argument("--pipeline", default="", metavar="CMD,CMD,...",
                         help="the overrides are shared by these commands: skip the keys only another of them reads")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

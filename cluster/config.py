@@ -73,6 +73,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": (*_COMPUTE, "task", "eval.", "data.eval", "data.max_eval_examples", "data.corpus", "data.qa_eval",
                  "masking.mode", "masking.ner", "masking.random_span_max", *_QA_READING),
     "query": (*_COMPUTE, "question", *_QA_READING),
+    "explain": (*_COMPUTE, "question", "text", "answer", "eval.k", *_QA_READING),
     "report": ("run_dir",),
 }
 

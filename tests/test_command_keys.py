@@ -75,7 +75,9 @@ def test_each_command_reads_only_the_keys_its_table_names(tmp_path, tiny_corpus)
               ("evaluate", [f"data.eval={tiny_corpus['eval']}"]),
               ("evaluate", ["task=openqa", f"data.corpus={tiny_corpus['corpus']}",
                             f"data.qa_eval={tiny_corpus['qa_eval']}"]),
-              ("query", ["question=Where was Ada born?"])]
+              ("query", ["question=Where was Ada born?"]),
+              ("explain", ["question=Where was Ada born?"]),
+              ("explain", ["text=Ada was born in Paris.", "answer=Paris"])]
     undeclared = {}
     for command, extra in stages:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [*base, *extra])

@@ -152,7 +152,9 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     threads: int = 0               # torch intra-op threads (0 = torch default)
     task: str = "mlm"              # evaluate: mlm (masked salient spans) | openqa (exact match)
-    question: str = ""             # for `launch.py query`
+    question: str = ""             # for `launch.py query` and `explain` (a QA model)
+    text: str = ""                 # for `launch.py explain` (a pre-trained model): a sentence ...
+    answer: str = ""               # ... and the substring of it that is masked
     data: DataConfig = field(default_factory=DataConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)

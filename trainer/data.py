@@ -54,6 +54,14 @@ def _doc_blocks(store: BlockStore, doc_id: str | None, where: str, field_name: s
     return list(blocks)
 
 
+def answer_span(text: str, answer: str, where: str) -> list[int]:
+    """[start, end] of the first occurrence of `answer` in `text`: the span that is masked."""
+    start = text.find(answer) if answer.strip() else -1
+    if start < 0:
+        raise InputError(f"{where}: answer {answer!r} is not a non-empty substring of text")
+    return [start, start + len(answer)]
+
+
 def read_text_examples(path: str, store: BlockStore) -> list[Example]:
     """Pre-training/eval text JSONL: text [, answer, source_id, gold_id]; errors name file:line."""
     out = []
@@ -65,10 +73,7 @@ def read_text_examples(path: str, store: BlockStore) -> list[Example]:
                      exclude_blocks=_doc_blocks(store, optional_str(row, "source_id", where), where, "source_id"),
                      gold_blocks=_doc_blocks(store, optional_str(row, "gold_id", where), where, "gold_id"))
         if answer is not None:
-            start = text.find(answer) if answer.strip() else -1
-            if start < 0:
-                raise InputError(f"{where}: answer {answer!r} is not a non-empty substring of text")
-            ex.spans, ex.fixed_span = [[start, start + len(answer)]], True
+            ex.spans, ex.fixed_span = [answer_span(text, answer, where)], True
         out.append(ex)
     if not out:
         raise InputError(f"{path}: no examples")

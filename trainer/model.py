@@ -176,14 +176,25 @@ def span_log_prob(token_log_probs: torch.Tensor, targets: torch.Tensor, target_m
     return (picked * target_mask).sum(-1)
 
 
+def log_joint(retrieval_scores: torch.Tensor, span_log_probs: torch.Tensor) -> torch.Tensor:
+    """log p(z|x) + log p(y|z,x), with p(z|x) a softmax over the candidates' scores: [B, Z], [B, Z] ->
+    [B, Z] float32. A score of -inf removes a candidate (padding, or a block left out)."""
+    return F.log_softmax(retrieval_scores.float(), dim=-1) + span_log_probs.float()
+
+
 def marginal_log_likelihood(retrieval_scores: torch.Tensor, span_log_probs: torch.Tensor) -> torch.Tensor:
-    """log Σ_z p(y|z,x) p(z|x), with p(z|x) a softmax over the candidates' scores.
+    """log Σ_z p(y|z,x) p(z|x).
 
     retrieval_scores, span_log_probs: [B, Z] (Z = k + 1, the null document included; a score of
     -inf removes a padded candidate) -> [B].
     """
-    log_p_z = F.log_softmax(retrieval_scores.float(), dim=-1)
-    return torch.logsumexp(log_p_z + span_log_probs.float(), dim=-1)
+    return torch.logsumexp(log_joint(retrieval_scores, span_log_probs), dim=-1)
+
+
+def retrieval_posterior(retrieval_scores: torch.Tensor, span_log_probs: torch.Tensor) -> torch.Tensor:
+    """Each candidate's share of the marginal, p(z|x) p(y|z,x) / p(y|x) = p(z|x, y): [B, Z], [B, Z] -> [B, Z]
+    float32, rows summing to 1 (NaN for a row with no candidate left)."""
+    return log_joint(retrieval_scores, span_log_probs).softmax(-1)
 
 
 def marginal_token_log_probs(retrieval_scores: torch.Tensor, token_log_probs: torch.Tensor) -> torch.Tensor:
@@ -191,6 +202,14 @@ def marginal_token_log_probs(retrieval_scores: torch.Tensor, token_log_probs: to
     scores [B, Z] (unnormalized log p(z|x)), token log-probs [B, Z, M, V] -> [B, M, V] float32."""
     log_p_z = retrieval_scores.float().log_softmax(-1)
     return torch.logsumexp(log_p_z[:, :, None, None] + token_log_probs.float(), 1)
+
+
+def candidate_span_log_probs(token_log_probs: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor
+                             ) -> torch.Tensor:
+    """log p(y|z,x) for every candidate: token log-probs [B, Z, M, V], targets/target_mask [B, M] -> [B, Z]."""
+    B, Z = token_log_probs.shape[:2]
+    return span_log_prob(token_log_probs.flatten(0, 1), targets.repeat_interleave(Z, 0),
+                         target_mask.repeat_interleave(Z, 0).to(token_log_probs.dtype)).view(B, Z)
 
 
 def spans_correct(token_log_probs: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -268,9 +287,8 @@ class REALM(nn.Module):
         pushes the query away from its nearest neighbours, blocks that would help included."""
         scores = self.relevance(b, train_retriever)
         token_lp = self.token_log_probs(b)
-        B, Z = scores.shape
-        span_lp = span_log_prob(token_lp.flatten(0, 1), b.targets.repeat_interleave(Z, 0),
-                                b.target_mask.repeat_interleave(Z, 0).to(token_lp.dtype)).view(B, Z)
+        B = scores.shape[0]
+        span_lp = candidate_span_log_probs(token_lp, b.targets, b.target_mask)
         reorder = retriever_signal == "candidates" and train_retriever and torch.is_grad_enabled()
         marginal_scores = torch.cat([scores[:, :1], scores[:, 1:].detach()], dim=1) if reorder else scores
         log_lik = marginal_log_likelihood(marginal_scores, span_lp)
@@ -319,6 +337,19 @@ def span_log_softmax(span_scores: torch.Tensor) -> torch.Tensor:
     return flat - torch.logsumexp(flat, dim=-1, keepdim=True)
 
 
+def span_log_joint(retrieval_scores: torch.Tensor, span_scores: torch.Tensor) -> torch.Tensor:
+    """log p(z|x) + log p(s|z,x) for every span of every block: [B, K], [B, K, L, A] -> [B, K, L*A] float32
+    (what the best answer is picked from)."""
+    return F.log_softmax(retrieval_scores.float(), dim=-1)[:, :, None] + span_log_softmax(span_scores)
+
+
+def answer_log_probs(span_scores: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """log p(y|z,x) = log Σ_{s ∈ z, s matches y} p(s|z,x): span_scores [B, K, L, A] (-inf = not a span),
+    answer_mask [B, K, L, A] bool -> [B, K]. Non-matching spans are masked with a finite -1e30, not -inf,
+    so that a block with no match has a finite log-sum (about -1e30) and its gradient stays 0 instead of NaN."""
+    return torch.logsumexp(span_log_softmax(span_scores).masked_fill(~answer_mask.flatten(2), -1e30), dim=-1)
+
+
 def span_marginal_log_likelihood(retrieval_scores: torch.Tensor, span_scores: torch.Tensor,
                                  answer_mask: torch.Tensor) -> torch.Tensor:
     """log Σ_z p(z|x) Σ_{s ∈ z, s matches y} p(s|z,x).
@@ -326,13 +357,9 @@ def span_marginal_log_likelihood(retrieval_scores: torch.Tensor, span_scores: to
     retrieval_scores [B, K] (-inf = no candidate); span_scores [B, K, L, A] (-inf = not a span);
     answer_mask [B, K, L, A] bool. p(s|z,x) is a softmax over the spans of each block. A block
     with no matching span contributes nothing; a question with none anywhere gets about -1e30
-    (callers drop those rows). Non-matching spans are masked with a finite -1e30, not -inf, so
-    that a block with no match has a finite log-sum and its gradient stays 0 instead of NaN.
+    (callers drop those rows).
     """
-    log_p_z = F.log_softmax(retrieval_scores.float(), dim=-1)
-    log_p_s = span_log_softmax(span_scores)
-    log_p_y_z = torch.logsumexp(log_p_s.masked_fill(~answer_mask.flatten(2), -1e30), dim=-1)
-    return torch.logsumexp(log_p_z + log_p_y_z, dim=-1)
+    return marginal_log_likelihood(retrieval_scores, answer_log_probs(span_scores, answer_mask))
 
 
 class OpenQAModel(nn.Module):

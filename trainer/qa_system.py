@@ -18,10 +18,19 @@ from indexer.shards import ShardedIndex
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
 from trainer.index_client import index_for_model
-from trainer.model import REALM, OpenQAModel, span_log_softmax
+from trainer.model import (
+    REALM,
+    OpenQAModel,
+    answer_log_probs,
+    marginal_log_likelihood,
+    retrieval_posterior,
+    span_log_joint,
+)
 from trainer.qa import QAExample, answer_in_text, exact_match
-from trainer.qa_batch import make_qa_batch
+from trainer.qa_batch import answer_mask, make_qa_batch
 from trainer.run import Run, check_k, resolve_model_dir
+
+NO_ANSWER = {"prediction": "", "block_id": -1, "z": -1, "char_span": [0, 0], "answer_ids": [], "score": float("-inf")}
 
 
 class QASystem:
@@ -43,10 +52,14 @@ class QASystem:
         return [np.array([v.cls] + self.run.tok.encode(q, add_special_tokens=False).ids[:n] + [v.sep], np.int64)
                 for q in questions]
 
-    def relevance(self, q_ids: torch.Tensor, q_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Scores [B, k] against the fixed doc embeddings (grad to the query tower) and ids [B, k]."""
+    def relevance(self, q_ids: torch.Tensor, q_mask: torch.Tensor, k: int, candidates: np.ndarray | None = None
+                  ) -> tuple[torch.Tensor, np.ndarray]:
+        """Scores [B, k] against the fixed doc embeddings (grad to the query tower) and ids [B, k]; `candidates`
+        [B, k'] (-1 = none) scores those blocks instead of searching."""
         q = self.model.retriever.embed_queries(q_ids.to(self.run.device), q_mask.to(self.run.device))
-        if self.retrieval == "random":
+        if candidates is not None:
+            ids = np.asarray(candidates, np.int64)
+        elif self.retrieval == "random":
             ids = np.stack([self.rng.choice(len(self.doc_emb), size=k, replace=False) for _ in range(len(q))])
         else:
             _, ids = self.index.search(q.detach().float().cpu().numpy(), k)
@@ -57,10 +70,13 @@ class QASystem:
     def answer_ids(self, answers: list[str]) -> list[list[int]]:
         return [self.run.tok.encode(a, add_special_tokens=False).ids for a in answers]
 
-    def forward(self, questions: list[str], answers: list[list[str]] | None, k: int, max_answer_len: int):
+    def forward(self, questions: list[str], answers: list[list[str]] | None, k: int, max_answer_len: int,
+                candidates: np.ndarray | None = None):
+        """Retrieval scores [B, K], candidate ids [B, K], span scores [B, K, L, A] and the QABatch; `candidates`
+        [B, K] reads those blocks instead of the top-k (explain's leave-one-out check)."""
         q = self.encode_questions(questions)
         q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
-        scores, cand = self.relevance(q_ids, q_mask, k)
+        scores, cand = self.relevance(q_ids, q_mask, k, candidates)
         ans = [self.answer_ids(a) for a in answers] if answers else [[] for _ in questions]
         batch = make_qa_batch(self.run.store, self.run.vocab, q, cand, ans, self.run.cfg.model.reader_max_len,
                               max_answer_len)
@@ -71,37 +87,78 @@ class QASystem:
                                       batch.span_mask.view(B * K, L, -1).to(dev)).view(B, K, L, -1)
         return scores, cand, span, batch
 
-    def predict(self, questions: list[str], k: int, max_answer_len: int) -> list[dict]:
-        """Best span across the top-k (log p(z|x) + log p(s|z,x)) and each question's top-k."""
-        with torch.no_grad():
-            scores, cand, span, batch = self.forward(questions, None, k, max_answer_len)
-        log_p_z = scores.log_softmax(-1)
-        total = (log_p_z[:, :, None] + span_log_softmax(span)).flatten(1)
+    def decode(self, scores: torch.Tensor, cand: np.ndarray, span: torch.Tensor, batch) -> list[dict | None]:
+        """The best span of each question across its candidates (log p(z|x) + log p(s|z,x)): its text, block,
+        candidate column `z`, char span and wordpiece ids; None for a question whose every score is -inf
+        (no candidate left). A column of -inf in `scores` leaves that block out, p(z|x) renormalized."""
+        total = span_log_joint(scores, span).flatten(1)
+        L, A = span.shape[2], span.shape[-1]
         out = []
-        A = span.shape[-1]
-        L = span.shape[2]
-        for b in range(len(questions)):
+        for b in range(len(cand)):
+            if not torch.isfinite(scores[b]).any():
+                out.append(None)
+                continue
             best = int(total[b].argmax())
             z, rest = divmod(best, L * A)
             i, a = divmod(rest, A)
             block = int(cand[b, z])
-            text, (cs, ce) = self.span_text(block, i - int(batch.text_start[b, z]), a + 1)
-            out.append({"prediction": text, "block_id": block, "char_span": [cs, ce],
-                        "top_k": [int(c) for c in cand[b]], "scores": [float(s) for s in scores[b].float().cpu()],
-                        "score": float(total[b, best])})
+            text, char_span = self.span_text(block, i - int(batch.text_start[b, z]), a + 1)
+            out.append({"prediction": text, "block_id": block, "z": z, "char_span": list(char_span),
+                        "answer_ids": batch.reader_ids[b, z, i:i + a + 1].tolist(), "score": float(total[b, best])})
         return out
 
+    def answer_log_probs(self, cand: np.ndarray, span: torch.Tensor, batch, answers: list[list[int]]) -> torch.Tensor:
+        """log p(y|z,x) [B, K] of each question's answer y (wordpiece ids), summed over the spans of z that
+        match it as in fine-tuning (about -1e30 where none does)."""
+        mask = answer_mask(batch.reader_ids, batch.text_start, batch.text_end, cand, [[a] for a in answers],
+                           span.shape[-1])
+        return answer_log_probs(span, mask.to(span.device))
+
+    def answer(self, scores: torch.Tensor, cand: np.ndarray, span: torch.Tensor, batch) -> list[dict]:
+        """`decode`'s best span with its p(y|x) (`probability`) and, for each candidate, p(z|x) (`p_z`),
+        p(y|z,x) (`p_y_given_z`) and its share of p(y|x), p(z|x) p(y|z,x) / p(y|x) (`shares`)."""
+        best = [p or NO_ANSWER for p in self.decode(scores, cand, span, batch)]
+        log_p_y_z = self.answer_log_probs(cand, span, batch, [p["answer_ids"] for p in best])
+        shares = retrieval_posterior(scores, log_p_y_z)
+        log_p_y = marginal_log_likelihood(scores, log_p_y_z)
+        p_z = scores.float().softmax(-1)
+        return [{**pred, "probability": float(log_p_y[b].exp()), "p_z": p_z[b].tolist(),
+                 "p_y_given_z": log_p_y_z[b].exp().tolist(), "shares": shares[b].tolist()}
+                for b, pred in enumerate(best)]
+
+    def predict(self, questions: list[str], k: int, max_answer_len: int, candidates: np.ndarray | None = None
+                ) -> list[dict]:
+        """`answer` for each question, with its top-k ids and scores and `top_share`: the largest share of p(y|x)
+        that one block holds (low: no single block carries the answer, so it rests on weak or split evidence)."""
+        with torch.no_grad():
+            scores, cand, span, batch = self.forward(questions, None, k, max_answer_len, candidates)
+            answers = self.answer(scores, cand, span, batch)
+        return [{**pred, "top_k": [int(c) for c in cand[b]], "scores": [float(s) for s in scores[b].float().cpu()],
+                 "top_share": max(pred["shares"])} for b, pred in enumerate(answers)]
+
     def span_text(self, block: int, first: int, length: int) -> tuple[str, tuple[int, int]]:
-        """Text of `length` wordpieces from the `first` text token of a block, via char offsets."""
-        if block < 0:
-            return "", (0, 0)
-        text = self.run.store.text(block)
-        offsets = self.run.tok.encode(text, add_special_tokens=False).offsets
-        if not offsets:
-            return "", (0, 0)
-        first = min(max(first, 0), len(offsets) - 1)
-        last = min(first + length - 1, len(offsets) - 1)
-        return text[offsets[first][0]:offsets[last][1]], (offsets[first][0], offsets[last][1])
+        return block_span_text(self.run, block, first, length)
+
+
+def block_span_text(run: Run, block: int, first: int, length: int) -> tuple[str, tuple[int, int]]:
+    """Text of `length` wordpieces from the `first` text token of a block, via char offsets."""
+    if block < 0:
+        return "", (0, 0)
+    text = run.store.text(block)
+    offsets = run.tok.encode(text, add_special_tokens=False).offsets
+    if not offsets:
+        return "", (0, 0)
+    first = min(max(first, 0), len(offsets) - 1)
+    last = min(first + length - 1, len(offsets) - 1)
+    return text[offsets[first][0]:offsets[last][1]], (offsets[first][0], offsets[last][1])
+
+
+def snippet(text: str, char_span: tuple[int, int] | list[int] | None) -> str:
+    """The text around an answer, marked [[ ]]; without one, the block's beginning."""
+    if char_span is None:
+        return text[:200]
+    cs, ce = char_span
+    return text[max(0, cs - 80):cs] + "[[" + text[cs:ce] + "]]" + text[ce:ce + 80]
 
 
 def resolve_qa_model_dir(run_dir: Path, spec: str) -> Path:
@@ -127,7 +184,7 @@ def answer_questions(system: QASystem, examples: list[QAExample], k: int, max_an
                             "exact_match": exact_match(pred["prediction"], ex.answers, ex.is_regex),
                             "answer_in_top_k": any(answer_in_text(system.run.store.text(b), ex.answers, ex.is_regex)
                                                    for b in pred["top_k"] if b >= 0),
-                            "top_k": pred["top_k"], "scores": pred["scores"]})
+                            "top_k": pred["top_k"], "scores": pred["scores"], "top_share": pred["top_share"]})
     return records
 
 
@@ -147,11 +204,7 @@ def query(cfg: TrainConfig) -> dict:
         if b < 0:
             continue
         text = system.run.store.text(b)
-        if b == pred["block_id"]:
-            cs, ce = pred["char_span"]
-            snippet = text[max(0, cs - 80):cs] + "[[" + text[cs:ce] + "]]" + text[ce:ce + 80]
-        else:
-            snippet = text[:200]
-        blocks.append({"block_id": b, "title": system.run.store.title(b), "score": s, "snippet": snippet})
+        blocks.append({"block_id": b, "title": system.run.store.title(b), "score": s,
+                       "snippet": snippet(text, pred["char_span"] if b == pred["block_id"] else None)})
     return {"question": cfg.question, "answer": pred["prediction"], "blocks": blocks,
             "load_seconds": round(t1 - t0, 3), "query_seconds": round(t2 - t1, 3)}
