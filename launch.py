@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Single-node entry point: python launch.py <command> [--config configs/NAME.yaml] [dotted.key=value ...]
 
-Commands: prepare | ict | pretrain | finetune | evaluate | query | explain | report. Every command reads
-from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
-question="..."; explain question="..." or text="..." answer="..."; `report [RUN_DIR]` plots events.jsonl
-to RUN_DIR/report/*.png).
+Commands: prepare | ict | pretrain | finetune | evaluate | query | explain | update-corpus | reindex | report.
+Every command reads from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
+question="..."; explain question="..." or text="..." answer="..."; update-corpus changes=FILE edits the
+corpus and its index without training; reindex data.corpus=NEW embeds a new corpus with the trained
+encoders; `report [RUN_DIR]` plots events.jsonl to RUN_DIR/report/*.png).
 A command's result goes to stdout (one JSON object; query, explain: readable text, --json for one), progress to
 stderr. Bad input exits with status 2 and one line naming the file:line or key. An override the
 command does not read is bad input (the error names the commands that read it); a script that
@@ -22,7 +23,8 @@ from core.env import set_offline_env
 
 set_offline_env()  # before transformers is imported anywhere: nothing is ever downloaded at run time
 
-COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "explain", "report")
+COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "explain", "update-corpus", "reindex",
+            "report")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 
 
@@ -52,6 +54,10 @@ def run_command(command: str, cfg) -> dict:
         from trainer.evaluate import evaluate
 
         return evaluate(cfg)
+    if command in ("update-corpus", "reindex"):
+        from trainer.corpus_edits import reindex, update_corpus
+
+        return update_corpus(cfg) if command == "update-corpus" else reindex(cfg)
     if command == "explain":
         from trainer.explain import explain
 

@@ -75,6 +75,11 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "query": (*_COMPUTE, "question", *_QA_READING),
     "explain": (*_COMPUTE, "question", "text", "answer", "eval.k", *_QA_READING),
     "report": ("run_dir",),
+    # blocks.max_title_len only for a store written before stores recorded it; refresh.keep_versions: index gc
+    "update-corpus": (*_COMPUTE, "changes", "eval.model", "data.max_doc_bytes", "blocks.max_title_len",
+                      "refresh.keep_versions"),
+    "reindex": (*_COMPUTE, "data.corpus", "eval.model", "data.max_doc_bytes", "blocks.max_title_len",
+                "refresh.keep_versions"),
 }
 
 

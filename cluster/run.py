@@ -25,6 +25,7 @@ from cluster.refresh import RefreshCoordinator
 from core.env import OFFLINE_ENV
 from core.errors import InputError
 from core.files import atomic_write_json
+from indexer.corpus_versions import read_pointer
 from indexer.versions import IndexVersions
 
 RELEASE_TIMEOUT_S = 60.0     # an earlier launch's actors still being torn down
@@ -127,6 +128,10 @@ def pretrain_on_ray(cfg: Config) -> dict:
     if not (Path(cfg.run_dir) / "blocks" / "manifest.json").is_file():
         raise InputError(f"{cfg.run_dir}/blocks: no block store (run `launch.py prepare` first)")
     IndexVersions(Path(cfg.run_dir) / "index").current()  # a damaged CURRENT fails here, in one line
+    if read_pointer(cfg.run_dir) is not None:
+        # the embedding workers and shard servers read blocks/ and index/CURRENT, not an edited store's pair
+        raise InputError(f"{cfg.run_dir}/CORPUS: the corpus was edited (update-corpus or reindex); pre-training on "
+                         f"Ray reads only the store prepare wrote: use cluster.backend=local, or prepare again")
     started = connect(cfg)
     release_names(cfg)
     t0 = time.time()

@@ -7,6 +7,11 @@ Layout of a block store directory (written atomically, verified by manifest.json
     vocab.txt      the WordPiece vocabulary the token ids refer to
 The Arrow files are memory-mapped on open, so any process reads block i in O(1) without
 loading the corpus.
+
+An edited store (indexer/corpus_versions.py, `launch.py update-corpus`) lists several block segments in
+its manifest (`segments`: the previous version's files, hard-linked, then the appended rows) and
+`dead.npy`, the ids of blocks whose document was replaced or deleted: ids stay row numbers and are
+never reused. A store without these entries (every store `prepare` writes) is one segment, nothing dead.
 """
 from __future__ import annotations
 
@@ -91,36 +96,44 @@ def split_document(tok, vocab: Vocab, doc: Document, max_len: int, max_title_len
     return pieces
 
 
+def block_rows(tok, vocab: Vocab, docs: list[Document], max_len: int, max_title_len: int, first_id: int = 0
+               ) -> tuple[dict, dict]:
+    """Block and doc columns (BLOCK_SCHEMA, DOC_SCHEMA) of `docs`, block ids counted from `first_id`: the one
+    blocking of a corpus (prepare) and of the changed documents of an edit (update-corpus)."""
+    cols = {k: [] for k in BLOCK_SCHEMA.names}
+    doc_cols = {k: [] for k in DOC_SCHEMA.names}
+    for doc in tqdm(docs, desc="blocks", unit="doc", mininterval=2):
+        pieces = split_document(tok, vocab, doc, max_len, max_title_len)
+        doc_cols["doc_id"].append(doc.doc_id)
+        doc_cols["first_block"].append(first_id + len(cols["block_id"]))
+        doc_cols["num_blocks"].append(len(pieces))
+        for text, ids in pieces:
+            cols["block_id"].append(first_id + len(cols["block_id"]))
+            cols["doc_id"].append(doc.doc_id)
+            cols["title"].append(doc.title)
+            cols["text"].append(text)
+            cols["token_ids"].append(ids)
+    return cols, doc_cols
+
+
 def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int, max_title_len: int,
-                      max_doc_bytes: int) -> dict:
+                      max_doc_bytes: int, extra: dict | None = None) -> dict:
     """corpus file -> block store at out_dir (atomic). Deterministic: same input, same bytes."""
     docs = read_corpus(corpus, max_doc_bytes)
     with atomic_dir(out_dir) as tmp:
         vocab_file = copy_vocab(vocab_spec, tmp)
         tok = load_tokenizer(vocab_file)
-        vocab = Vocab(tok)
-        cols = {k: [] for k in BLOCK_SCHEMA.names}
-        doc_cols = {k: [] for k in DOC_SCHEMA.names}
-        for doc in tqdm(docs, desc="blocks", unit="doc", mininterval=2):
-            pieces = split_document(tok, vocab, doc, max_len, max_title_len)
-            doc_cols["doc_id"].append(doc.doc_id)
-            doc_cols["first_block"].append(len(cols["block_id"]))
-            doc_cols["num_blocks"].append(len(pieces))
-            for text, ids in pieces:
-                cols["block_id"].append(len(cols["block_id"]))
-                cols["doc_id"].append(doc.doc_id)
-                cols["title"].append(doc.title)
-                cols["text"].append(text)
-                cols["token_ids"].append(ids)
-        _write_arrow(tmp / "blocks.arrow", pa.table(cols, schema=BLOCK_SCHEMA))
-        _write_arrow(tmp / "docs.arrow", pa.table(doc_cols, schema=DOC_SCHEMA))
+        cols, doc_cols = block_rows(tok, Vocab(tok), docs, max_len, max_title_len)
+        write_arrow(tmp / "blocks.arrow", pa.table(cols, schema=BLOCK_SCHEMA))
+        write_arrow(tmp / "docs.arrow", pa.table(doc_cols, schema=DOC_SCHEMA))
+        # max_title_len is recorded so that an edit blocks its documents exactly as these were blocked
         meta = {"kind": "block_store", "num_blocks": len(cols["block_id"]), "num_docs": len(docs),
-                "max_len": max_len, "corpus": str(corpus)}
+                "max_len": max_len, "max_title_len": max_title_len, "corpus": str(corpus), **(extra or {})}
         write_manifest(tmp, meta)
     return meta
 
 
-def _write_arrow(path: Path, table: pa.Table) -> None:
+def write_arrow(path: Path, table: pa.Table) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=1 << 16)
 
@@ -133,11 +146,18 @@ class BlockStore:
         if not (self.dir / "manifest.json").is_file():
             raise InputError(f"{self.dir}: no block store here (run `launch.py prepare` first)")
         self.manifest = verify_manifest(self.dir, check_hashes=verify)
+        self.version = int(self.manifest.get("store_version", 0))  # 0: the store `prepare` wrote
+        segments = self.manifest.get("segments", ["blocks.arrow"])
         try:
-            self.table = pa.ipc.open_file(pa.memory_map(str(self.dir / "blocks.arrow"))).read_all()
+            # memory-mapped segments concatenated without a copy; their block ids are consecutive
+            self.table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(self.dir / seg))).read_all()
+                                           for seg in segments])
             docs = pa.ipc.open_file(pa.memory_map(str(self.dir / "docs.arrow"))).read_all()
         except pa.ArrowInvalid as e:
             raise InputError(f"{self.dir}: corrupt block store: {e}") from None
+        dead_file = self.dir / "dead.npy"
+        # ids of blocks of replaced or deleted documents: never searched, never shown
+        self.dead = np.load(dead_file) if dead_file.is_file() else np.empty(0, np.int64)
         tokens = self.table.column("token_ids").combine_chunks()
         self._offsets = tokens.offsets.to_numpy()
         self._values = tokens.values.to_numpy()
@@ -162,6 +182,15 @@ class BlockStore:
 
     def doc_id(self, block_id: int) -> str:
         return self.table.column("doc_id")[block_id].as_py()
+
+    @property
+    def num_live(self) -> int:
+        return len(self) - len(self.dead)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """The live documents' ids, in store order."""
+        return list(self._doc_ids)
 
     def doc_blocks(self, doc_id: str) -> range:
         """Block ids of a document (an empty range if the id is unknown)."""

@@ -127,12 +127,34 @@ def search_excluding(search, queries: np.ndarray, k: int, exclude: np.ndarray | 
     return drop_excluded(scores, ids, exclude, k)
 
 
+class LiveRowsShard:
+    """A shard over some rows only (an edited corpus's live blocks): local row i answers as `ids[i]`.
+    Dead rows are not in the shard at all, so top-k over it is exact, with no over-fetching."""
+
+    def __init__(self, embeddings: np.ndarray, ids: np.ndarray, use_gpu: bool | None = None):
+        self.ids = np.asarray(ids, np.int64)
+        self.shard = make_shard(embeddings[self.ids], 0, use_gpu)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, local = self.shard.search(queries, k)
+        return scores, np.where(local >= 0, self.ids[np.maximum(local, 0)], -1).astype(np.int64)
+
+
 class ShardedIndex:
-    """Several flat shards answering as one flat index (the single-process shard service)."""
+    """Several flat shards answering as one flat index (the single-process shard service). `dead`: block ids
+    never to return (an edited corpus's replaced and deleted blocks); their rows stay in `embeddings`, so ids
+    remain row numbers."""
 
     def __init__(self, embeddings: np.ndarray, num_shards: int = 1, version: int = 0, checkpoint_step: int = 0,
-                 use_gpu: bool | None = None):
-        self.shards = [make_shard(embeddings[a:b], a, use_gpu) for a, b in shard_bounds(len(embeddings), num_shards)]
+                 use_gpu: bool | None = None, dead: np.ndarray | None = None):
+        if dead is None or not len(dead):  # every unedited run: the shards exactly as before
+            self.shards = [make_shard(embeddings[a:b], a, use_gpu)
+                           for a, b in shard_bounds(len(embeddings), num_shards)]
+            self.live = None
+        else:
+            self.live = np.setdiff1d(np.arange(len(embeddings), dtype=np.int64), dead)
+            self.shards = [LiveRowsShard(embeddings, self.live[a:b], use_gpu)
+                           for a, b in shard_bounds(len(self.live), num_shards)]
         self.rows = len(embeddings)
         self.embeddings = embeddings  # [rows, dim] float32, kept for re-scoring with a frozen doc tower
         self.version, self.checkpoint_step = version, checkpoint_step

@@ -67,8 +67,10 @@ class IndexVersions:
         return path
 
     def commit(self, version: int, checkpoint_step: int, num_slices: int, total_rows: int,
-               extra: dict | None = None) -> IndexVersion:
-        """Verify every slice is staged and contiguous, write the manifest, rename, move CURRENT."""
+               extra: dict | None = None, move_current: bool = True) -> IndexVersion:
+        """Verify every slice is staged and contiguous, write the manifest, rename, move CURRENT (unless
+        `move_current` is False: a corpus edit commits the version with its block store, through the run's
+        CORPUS pointer, indexer/corpus_versions.py)."""
         staging = self.root / f".staging-{_name(version)}"
         slices, expect, dim = [], 0, None
         for i in range(num_slices):
@@ -94,21 +96,55 @@ class IndexVersions:
         fsync_tree(staging)
         final = self.root / _name(version)
         os.replace(staging, final)
-        atomic_write_bytes(self.root / "CURRENT", _name(version).encode())
+        if move_current:
+            self.move_current(version)
         return self._version(final, meta)
 
-    def publish(self, embeddings: np.ndarray, checkpoint_step: int, extra: dict | None = None) -> IndexVersion:
+    def move_current(self, version: int) -> None:
+        atomic_write_bytes(self.root / "CURRENT", _name(version).encode())
+
+    def publish(self, embeddings: np.ndarray, checkpoint_step: int, extra: dict | None = None,
+                move_current: bool = True) -> IndexVersion:
         """Single-process path: one slice, committed at once."""
         version = self.next_version()
         self.write_slice(self.staging_dir(version), 0, 0, embeddings)
-        return self.commit(version, checkpoint_step, 1, len(embeddings), extra)
+        return self.commit(version, checkpoint_step, 1, len(embeddings), extra, move_current)
 
-    def gc(self, keep: int = 2) -> None:
-        """Remove all but the newest `keep` versions (never CURRENT) and stale staging dirs."""
+    def extend(self, old: IndexVersion, embeddings: np.ndarray, extra: dict | None = None,
+               move_current: bool = True) -> IndexVersion:
+        """A new version: `old`'s rows (its slice files hard-linked, not re-embedded) then `embeddings`
+        [n, dim] as rows len(old).. (a corpus edit's appended blocks)."""
+        version = self.next_version()
+        staging = self.staging_dir(version)
+        try:
+            for i, (file, start, rows) in enumerate(old.slices):
+                name = f"slice_{i:03d}.npy"
+                try:  # a committed slice is never written again (writes replace by rename): safe to share
+                    os.link(old.path / file, staging / name)
+                except OSError:
+                    shutil.copy2(old.path / file, staging / name)
+                atomic_write_bytes(staging / f"slice_{i:03d}.json",
+                                   json.dumps({"start": int(start), "rows": int(rows)}).encode())
+            n = len(old.slices)
+            if len(embeddings):
+                self.write_slice(staging, n, old.rows, embeddings)
+                n += 1
+            return self.commit(version, old.checkpoint_step, n, old.rows + len(embeddings), extra, move_current)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def remove(self, version: int) -> None:
+        """Drop a committed version that was never made current (a corpus edit that failed after it)."""
+        shutil.rmtree(self.root / _name(version), ignore_errors=True)
+
+    def gc(self, keep: int = 2, protect: tuple[int, ...] = ()) -> None:
+        """Remove all but the newest `keep` versions (never CURRENT, nor a version in `protect`: the one
+        the run's CORPUS pointer pairs with its block store) and stale staging dirs."""
         current = self.current()
         committed = self._committed()
         for v, path in committed[:-keep] if keep > 0 else committed:
-            if current is None or v != current.version:
+            if (current is None or v != current.version) and v not in protect:
                 shutil.rmtree(path, ignore_errors=True)
         newest = committed[-1][0] if committed else 0
         for p in self.root.glob(".staging-v*"):
@@ -151,10 +187,14 @@ class IndexVersions:
         by `load_rows`, where the rows are read)."""
         return verify_manifest(path, check_hashes=False)
 
-    def find(self, **fields) -> IndexVersion | None:
-        """The newest committed version whose manifest has all of `fields` (e.g. doc_encoder_id=...)."""
+    def find(self, store_version: int | None = None, **fields) -> IndexVersion | None:
+        """The newest committed version whose manifest has all of `fields` (e.g. doc_encoder_id=...) and,
+        when given, embeds that block-store version (0, the store `prepare` wrote, for a version without
+        the field)."""
         for _, path in reversed(self._committed()):
             meta = self.read_manifest(path)
+            if store_version is not None and meta.get("store_version", 0) != store_version:
+                continue
             if all(meta.get(k) == v for k, v in fields.items()):
                 return self._version(path, meta)
         return None

@@ -155,6 +155,7 @@ class TrainConfig:
     question: str = ""             # for `launch.py query` and `explain` (a QA model)
     text: str = ""                 # for `launch.py explain` (a pre-trained model): a sentence ...
     answer: str = ""               # ... and the substring of it that is masked
+    changes: str = ""              # for `launch.py update-corpus`: JSONL/Parquet of documents to add, replace, delete
     data: DataConfig = field(default_factory=DataConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)

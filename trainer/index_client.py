@@ -14,9 +14,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from indexer.blocks import BlockStore
 from indexer.embed import embed_blocks
 from indexer.shards import ShardedIndex
-from indexer.versions import IndexVersions
+from indexer.versions import IndexVersion, IndexVersions
 from trainer import data as D
 from trainer.run import Run
 
@@ -62,19 +63,37 @@ def retrieve(model, index, run: Run, queries: list[D.MaskedQuery], k: int) -> tu
 
 def refresh_index(run: Run, model, step: int, doc_encoder_id: str) -> ShardedIndex:
     """Stop-the-world refresh: embed every block with the current doc encoder, publish, load."""
-    emb = embed_blocks(model.retriever.doc_tower, run.store, batch_size=64, device=run.device,
-                       pad_id=run.vocab.pad, progress=sys.stderr.isatty())
-    v = run.versions.publish(emb, checkpoint_step=step, extra={"doc_encoder_id": doc_encoder_id})
-    run.versions.gc(run.cfg.refresh.keep_versions)
-    return ShardedIndex(emb, 1, v.version, step)
+    emb = embed_store(run, model)
+    v = run.versions.publish(emb, checkpoint_step=step, extra=index_tags(run.store, doc_encoder_id))
+    run.versions.gc(run.cfg.refresh.keep_versions, run.pinned_index_versions())
+    return ShardedIndex(emb, 1, v.version, step, dead=run.store.dead)
+
+
+def embed_store(run: Run, model, store: BlockStore | None = None, start: int = 0) -> np.ndarray:
+    """Blocks [start, end) of `store` (default: the run's) embedded by the model's doc tower: the one way
+    blocks are embedded in one process (a refresh, a corpus edit, a reindex), so their rows match."""
+    return embed_blocks(model.retriever.doc_tower, store or run.store, start=start, batch_size=64, device=run.device,
+                        pad_id=run.vocab.pad, progress=sys.stderr.isatty())
+
+
+def index_tags(store: BlockStore, doc_encoder_id: str) -> dict:
+    """What an index version's manifest says it embeds: which doc encoder, and which store version (an
+    unedited run's stores are version 0 and keep manifests without the field)."""
+    return {"doc_encoder_id": doc_encoder_id, **({"store_version": store.version} if store.version else {})}
+
+
+def stored_version(run: Run, doc_encoder_id: str) -> IndexVersion | None:
+    """The newest committed index version of the run's store version built by this doc encoder."""
+    v = run.versions.find(store_version=run.store.version, doc_encoder_id=doc_encoder_id) if doc_encoder_id else None
+    return v if v is not None and v.rows == len(run.store) else None
 
 
 def stored_index(run: Run, *doc_encoder_ids: str) -> ShardedIndex | None:
     """A committed index version built by one of these doc encoders (in that order of preference)."""
     for doc_encoder_id in filter(None, doc_encoder_ids):
-        v = run.versions.find(doc_encoder_id=doc_encoder_id)
-        if v is not None and v.rows == len(run.store):
-            return ShardedIndex(IndexVersions.load_rows(v), 1, v.version, v.checkpoint_step)
+        v = stored_version(run, doc_encoder_id)
+        if v is not None:
+            return ShardedIndex(IndexVersions.load_rows(v), 1, v.version, v.checkpoint_step, dead=run.store.dead)
     return None
 
 

@@ -10,6 +10,7 @@ from core.errors import InputError
 from core.files import atomic_write_json
 from core.schema import to_dict
 from indexer.blocks import BlockStore, build_block_store
+from indexer.corpus_versions import reset_pointer
 from indexer.synthetic import write_synthetic
 from trainer import data as D
 from trainer.config import TrainConfig
@@ -26,6 +27,7 @@ def prepare(cfg: TrainConfig) -> dict:
         corpus, pretrain, evalf = str(paths["corpus"]), str(paths["pretrain"]), str(paths["eval"])
     meta = build_block_store(corpus, run_dir / "blocks", cfg.blocks.tokenizer, cfg.blocks.max_len,
                              cfg.blocks.max_title_len, cfg.data.max_doc_bytes)
+    reset_pointer(run_dir)  # a new blocks/: an earlier update-corpus or reindex no longer applies
     store = BlockStore(run_dir / "blocks")
     if pretrain:
         train = D.read_text_examples(pretrain, store)

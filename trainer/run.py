@@ -2,6 +2,7 @@
 
 A run directory (README, "Files in a run directory"):
     blocks/              block store (indexer.blocks)
+    store/vNNNN, CORPUS  edited store versions and the pointer pairing one with its index (indexer.corpus_versions)
     examples/            train.parquet, eval.parquet (trainer.data)
     models/ict, models/realm, models/qa   model checkpoints (trainer.checkpoint)
     index/               index versions (indexer.versions)
@@ -16,6 +17,7 @@ import torch
 
 from core.errors import InputError
 from indexer.blocks import BlockStore
+from indexer.corpus_versions import current_store_dir, read_pointer
 from indexer.tokenizer import Vocab, load_tokenizer
 from indexer.versions import IndexVersions
 from trainer.config import TrainConfig
@@ -41,7 +43,7 @@ class Run:
     @classmethod
     def open(cls, cfg: TrainConfig) -> Run:
         run_dir = Path(cfg.run_dir)
-        store = BlockStore(run_dir / "blocks")
+        store = BlockStore(current_store_dir(run_dir))  # the committed pair's store (blocks/ if never edited)
         tok = load_tokenizer(store.vocab_file)
         return cls(cfg, run_dir, store, tok, Vocab(tok), pick_device(cfg))
 
@@ -49,10 +51,15 @@ class Run:
     def versions(self) -> IndexVersions:
         return IndexVersions(self.dir / "index")
 
+    def pinned_index_versions(self) -> tuple[int, ...]:
+        """The index version the CORPUS pointer pairs with the store (none for an unedited run): gc keeps it."""
+        pointer = read_pointer(self.dir)
+        return (int(pointer["index_version"]),) if pointer else ()
+
 
 def check_k(k: int, store: BlockStore, key: str) -> None:
-    if k > len(store):
-        raise InputError(f"config key '{key}': k={k} is larger than the corpus ({len(store)} blocks)")
+    if k > store.num_live:  # an edited store's dead blocks are never candidates
+        raise InputError(f"config key '{key}': k={k} is larger than the corpus ({store.num_live} blocks)")
 
 
 def resolve_model_dir(run_dir: Path, spec: str, auto: tuple[str, ...] = ("realm", "ict")) -> Path:
