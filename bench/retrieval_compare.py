@@ -90,7 +90,8 @@ def off_the_shelf(cfg: Config, vocab_size: int) -> REALM:
 def doc_embeddings(run: Run, model, meta: dict) -> np.ndarray:
     """The corpus under this model's doc encoder: an index version it published, else embedded now (not saved)."""
     doc_encoder_id = meta.get("doc_encoder_id")
-    version = run.versions.find(doc_encoder_id=doc_encoder_id) if doc_encoder_id else None
+    version = (run.versions.find(store_version=run.store.version, doc_encoder_id=doc_encoder_id)
+               if doc_encoder_id else None)
     if version is not None and version.rows == len(run.store):
         return IndexVersions.load_rows(version)
     return embed_blocks(model.retriever.doc_tower, run.store, batch_size=64, device=run.device,
@@ -195,13 +196,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = off_the_shelf(cfg, run.vocab.size).to(run.device).eval()
     emb = doc_embeddings(run, model, {})
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # cosine: the query's norm does not change its ranking
-    system = QASystem(run, model, {}, index=ShardedIndex(emb))
+    system = QASystem(run, model, {}, index=ShardedIndex(emb, dead=run.store.dead))
     add(f"{cfg.model.init} off the shelf", "none (mean-pooled, cosine)",
         dense_ranking(system, questions, k, cfg.eval.batch_size))
     for model_dir in run_models(run.dir):
         model, meta = load_model(model_dir)
         model.to(run.device).eval()
-        system = QASystem(run, model, meta, index=ShardedIndex(doc_embeddings(run, model, meta)))
+        system = QASystem(run, model, meta, index=ShardedIndex(doc_embeddings(run, model, meta), dead=run.store.dead))
         em = None
         if meta["kind"] == "openqa_model":
             records = answer_questions(system, examples, cfg.finetune.k, cfg.finetune.max_answer_len,

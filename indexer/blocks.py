@@ -192,6 +192,10 @@ class BlockStore:
         """The live documents' ids, in store order."""
         return list(self._doc_ids)
 
+    def doc_entries(self) -> list[tuple[str, int, int]]:
+        """(doc_id, first_block, num_blocks) of each live document, in store order (docs.arrow)."""
+        return [(d, int(f), int(n)) for d, f, n in zip(self._doc_ids, self._doc_first, self._doc_count)]
+
     def doc_blocks(self, doc_id: str) -> range:
         """Block ids of a document (an empty range if the id is unknown)."""
         if self._doc_index is None:

@@ -152,10 +152,10 @@ def build_edited_store(prev: BlockStore, out_dir: Path, changes: Changes, versio
         dead = [prev.dead] + [np.arange(r.start, r.stop, dtype=np.int64)
                               for d in gone if (r := prev.doc_blocks(d))]
         np.save(tmp / "dead.npy", np.unique(np.concatenate(dead)).astype(np.int64))
-        kept = [i for i, d in enumerate(prev.doc_ids) if d not in gone]
-        docs = {"doc_id": [prev._doc_ids[i] for i in kept] + new_docs["doc_id"],
-                "first_block": [int(prev._doc_first[i]) for i in kept] + new_docs["first_block"],
-                "num_blocks": [int(prev._doc_count[i]) for i in kept] + new_docs["num_blocks"]}
+        kept = [e for e in prev.doc_entries() if e[0] not in gone]
+        docs = {"doc_id": [d for d, _, _ in kept] + new_docs["doc_id"],
+                "first_block": [f for _, f, _ in kept] + new_docs["first_block"],
+                "num_blocks": [n for _, _, n in kept] + new_docs["num_blocks"]}
         write_arrow(tmp / "docs.arrow", pa.table(docs, schema=DOC_SCHEMA))
         meta = {"kind": "block_store", "store_version": version, "segments": segments,
                 "num_blocks": len(prev) + len(cols["block_id"]), "num_docs": len(docs["doc_id"]),

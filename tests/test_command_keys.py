@@ -64,6 +64,8 @@ def test_each_command_reads_only_the_keys_its_table_names(tmp_path, tiny_corpus)
     """Runs the whole local pipeline on a tiny random BERT and records what each command reads. (The Ray
     backend's actors run trainer.pretrain's same code in other processes; its driver reads cluster.*.)"""
     run = tmp_path / "run"
+    changes = tmp_path / "changes.jsonl"
+    changes.write_text('{"id": "new-doc", "title": "Ada", "text": "Ada was born in Paris."}\n')
     base = [*TINY_MODEL, f"run_dir={run}", "cluster.backend=local", "retrieval.k=3", "eval.k=3",
             "pretrain.freeze_retriever_steps=0", "masking.ner=regex"]
     stages = [("prepare", [f"data.corpus={tiny_corpus['corpus']}", f"data.pretrain={tiny_corpus['pretrain']}"]),
@@ -77,7 +79,10 @@ def test_each_command_reads_only_the_keys_its_table_names(tmp_path, tiny_corpus)
                             f"data.qa_eval={tiny_corpus['qa_eval']}"]),
               ("query", ["question=Where was Ada born?"]),
               ("explain", ["question=Where was Ada born?"]),
-              ("explain", ["text=Ada was born in Paris.", "answer=Paris"])]
+              ("explain", ["text=Ada was born in Paris.", "answer=Paris"]),
+              ("update-corpus", [f"changes={changes}"]),
+              ("query", ["question=Where was Ada born?"]),  # on the edited pair
+              ("reindex", [f"data.corpus={tiny_corpus['corpus']}"])]
     undeclared = {}
     for command, extra in stages:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [*base, *extra])

@@ -234,3 +234,36 @@ def test_query_evaluate_explain_read_the_newest_pair(trained, run_dir, tmp_path,
     assert metrics["index_version"] == summary["index_version"]
     preds = [json.loads(line) for line in open(run_dir / "predictions.jsonl")]
     assert all(store.doc_id(b) not in deleted for p in preds for b in p["top_k"])
+
+
+def test_a_parquet_change_file_reads_like_jsonl(trained, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from indexer.corpus_versions import read_changes
+
+    store = BlockStore(trained["run"] / "blocks")
+    victim = trained["corpus"][1]["id"]
+    path = tmp_path / "changes.parquet"
+    pq.write_table(pa.table({"id": ["p1", victim], "title": ["P", None], "text": ["Some text.", None],
+                             "delete": [None, True]}), path)
+    changes = read_changes(path, store, 10**7)
+    assert [d.doc_id for d in changes.upserts] == ["p1"] and changes.deletes == [victim]
+
+
+def test_ray_pretraining_refuses_an_edited_run_and_prepare_resets_it(trained, run_dir, tmp_path, capsys):
+    changes = write_jsonl(tmp_path / "c.jsonl", [{"id": "n", "title": "N", "text": "New text here."}])
+    update(run_dir, changes)
+    capsys.readouterr()
+    rc = launch.main(["pretrain", f"run_dir={run_dir}", "cluster.backend=ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "CORPUS: the corpus was edited" in err[0]
+    from trainer.prepare import prepare
+    from trainer.run import Run
+
+    data = trained["data"]
+    prepare(load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", f"data.corpus={data['corpus']}",
+                                                        f"data.pretrain={data['pretrain']}", "masking.ner=regex"]))
+    assert read_pointer(run_dir) is None
+    assert Run.open(cfg_for(run_dir, "query")).store.dir == run_dir / "blocks"
+    assert update(run_dir, changes)["store_version"] == 2  # store numbers are never reused

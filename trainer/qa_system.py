@@ -60,7 +60,8 @@ class QASystem:
         if candidates is not None:
             ids = np.asarray(candidates, np.int64)
         elif self.retrieval == "random":
-            pool = len(self.doc_emb) if self.index.live is None else self.index.live  # never a dead block
+            live = getattr(self.index, "live", None)
+            pool = len(self.doc_emb) if live is None else live  # never a dead block
             ids = np.stack([self.rng.choice(pool, size=k, replace=False) for _ in range(len(q))])
         else:
             _, ids = self.index.search(q.detach().float().cpu().numpy(), k)
