@@ -89,6 +89,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing) or fail at once with an InputError naming
+    `what` holds it. flock, not a marker file: the lock goes with the process, so a crash leaves none behind."""
+    import fcntl
+
+    p = Path(path)
+    with open(p, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{p}: {what} is running on this run directory; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def write_manifest(directory: Path, meta: dict) -> None:
     """manifest.json listing every file in `directory` with its sha256, plus `meta`."""
     files = {}

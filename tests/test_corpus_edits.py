@@ -267,3 +267,16 @@ def test_ray_pretraining_refuses_an_edited_run_and_prepare_resets_it(trained, ru
     assert read_pointer(run_dir) is None
     assert Run.open(cfg_for(run_dir, "query")).store.dir == run_dir / "blocks"
     assert update(run_dir, changes)["store_version"] == 2  # store numbers are never reused
+
+
+def test_a_second_writer_is_refused_while_one_edits(run_dir, tmp_path):
+    from core.errors import InputError
+    from core.files import exclusive_lock
+    from trainer.corpus_edits import LOCK
+
+    changes = write_jsonl(tmp_path / "c.jsonl", [{"id": "n", "title": "N", "text": "New text here."}])
+    state = snapshot(run_dir)
+    with exclusive_lock(run_dir / LOCK, "a test"), pytest.raises(InputError, match="another update-corpus"):
+        update(run_dir, changes)
+    assert snapshot(run_dir) == state
+    assert update(run_dir, changes)["store_version"] == 1  # the lock went with its holder

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import InputError
+from core.files import exclusive_lock
 from indexer.blocks import BlockStore, build_block_store
 from indexer.corpus_versions import build_edited_store, next_store_dir, read_changes, read_pointer, write_pointer
 from indexer.versions import IndexVersion
@@ -62,11 +63,35 @@ def commit_new_pair(run: Run, store_dir: Path, store_version: int, build_store: 
     return store, index
 
 
+LOCK = ".corpus-edit.lock"
+
+
 def update_corpus(cfg: TrainConfig) -> dict:
     """Apply a change file: only the changed documents are re-blocked and embedded."""
     if not cfg.changes.strip():
         raise InputError("config key 'changes': give the change file, e.g. changes=edits.jsonl (JSONL or Parquet: "
                          "{\"id\", \"title\", \"text\"} adds or replaces, {\"id\", \"delete\": true} deletes)")
+    with _one_writer(cfg):
+        return _update_corpus(cfg)
+
+
+def reindex(cfg: TrainConfig) -> dict:
+    """A whole new corpus (`data.corpus`) blocked like the run's and embedded by its trained doc encoder."""
+    if not cfg.data.corpus.strip():
+        raise InputError("config key 'data.corpus': give the new corpus, e.g. data.corpus=new.jsonl")
+    with _one_writer(cfg):
+        return _reindex(cfg)
+
+
+def _one_writer(cfg: TrainConfig):
+    """One writer at a time: two edits would derive from the same pair and pick the same version numbers."""
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "blocks").is_dir():  # before the lock file, which would create the directory
+        raise InputError(f"{run_dir / 'blocks'}: no block store here (run `launch.py prepare` first)")
+    return exclusive_lock(run_dir / LOCK, "another update-corpus or reindex")
+
+
+def _update_corpus(cfg: TrainConfig) -> dict:
     t0 = time.time()
     run = Run.open(cfg)
     changes = read_changes(cfg.changes, run.store, cfg.data.max_doc_bytes)  # bad input fails before any work
@@ -95,10 +120,7 @@ def update_corpus(cfg: TrainConfig) -> dict:
             "live_blocks": store.num_live, "model": str(model_dir), "seconds": round(time.time() - t0, 3)}
 
 
-def reindex(cfg: TrainConfig) -> dict:
-    """A whole new corpus (`data.corpus`) blocked like the run's and embedded by its trained doc encoder."""
-    if not cfg.data.corpus.strip():
-        raise InputError("config key 'data.corpus': give the new corpus, e.g. data.corpus=new.jsonl")
+def _reindex(cfg: TrainConfig) -> dict:
     t0 = time.time()
     run = Run.open(cfg)
     model, meta, model_dir = _encoder_model(run, cfg)
