@@ -113,7 +113,8 @@ class IndexVersions:
     def extend(self, old: IndexVersion, embeddings: np.ndarray, extra: dict | None = None,
                move_current: bool = True) -> IndexVersion:
         """A new version: `old`'s rows (its slice files hard-linked, not re-embedded) then `embeddings`
-        [n, dim] as rows len(old).. (a corpus edit's appended blocks)."""
+        [n, dim] as rows len(old).. (a corpus edit's appended blocks). The new manifest vouches for the
+        linked rows, so check `old` first (`open(old.path, verify=True)`)."""
         version = self.next_version()
         staging = self.staging_dir(version)
         try:

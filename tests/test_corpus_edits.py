@@ -280,3 +280,16 @@ def test_a_second_writer_is_refused_while_one_edits(run_dir, tmp_path):
         update(run_dir, changes)
     assert snapshot(run_dir) == state
     assert update(run_dir, changes)["store_version"] == 1  # the lock went with its holder
+
+
+def test_a_corrupt_index_slice_is_refused_not_extended(run_dir, tmp_path, capsys):
+    slice_file = next((run_dir / "index").glob("v*/slice_000.npy"))
+    data = bytearray(slice_file.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # same size, other bytes: only the checksum tells
+    slice_file.write_bytes(bytes(data))
+    state = snapshot(run_dir)
+    changes = write_jsonl(tmp_path / "c.jsonl", [{"id": "n", "title": "N", "text": "New text here."}])
+    assert launch.main(["update-corpus", f"run_dir={run_dir}", "threads=2", f"changes={changes}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "slice_000.npy: checksum mismatch" in err[0]
+    assert snapshot(run_dir) == state

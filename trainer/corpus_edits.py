@@ -51,7 +51,10 @@ def commit_new_pair(run: Run, store_dir: Path, store_version: int, build_store: 
         index = make_index(store)
         write_pointer(run.dir, store_dir, store_version, index.version, doc_encoder_id)
     except BaseException:
-        pointer = read_pointer(run.dir)
+        try:
+            pointer = read_pointer(run.dir)
+        except InputError:  # a damaged pointer names neither new version: undo ours, report the first error
+            pointer = None
         if pointer is None or pointer.get("store_version") != store_version:  # not committed: undo
             if index is not None:
                 run.versions.remove(index.version)
@@ -101,6 +104,10 @@ def _update_corpus(cfg: TrainConfig) -> dict:
     if old is None:  # the model never read this store: build its index as QASystem would, then extend it
         index_for_model(run, model, meta)
         old = stored_version(run, doc_encoder_id)
+    try:  # the new version links these rows and its manifest will vouch for them: check them before any write
+        run.versions.open(old.path, verify=True)
+    except InputError as e:
+        raise InputError(f"{e} (in the index this edit extends; `launch.py reindex` rebuilds it)") from None
     version, store_dir = next_store_dir(run.dir)
     first_new = len(run.store)
 
