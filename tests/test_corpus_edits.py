@@ -293,3 +293,23 @@ def test_a_corrupt_index_slice_is_refused_not_extended(run_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "slice_000.npy: checksum mismatch" in err[0]
     assert snapshot(run_dir) == state
+
+
+def test_local_pretraining_refreshes_the_edited_pair(trained, run_dir, tmp_path):
+    """The stop-the-world refresh re-embeds the current store version and tags it; gc spares the pair's index."""
+    import json as _json
+
+    from trainer.pretrain import pretrain
+
+    victim = trained["corpus"][2]["id"]
+    update(run_dir, write_jsonl(tmp_path / "c.jsonl", [{"id": victim, "delete": True}]))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={run_dir}", *TINY_MODEL, "cluster.backend=local", "retrieval.k=3", "masking.ner=regex",
+        "pretrain.steps=2", "pretrain.batch_size=4", "refresh.every_steps=1", "pretrain.freeze_retriever_steps=0",
+        "refresh.keep_versions=1"])
+    pretrain(cfg)
+    manifests = [_json.loads(p.read_text()) for p in sorted((run_dir / "index").glob("v*/manifest.json"))]
+    refreshed = [m for m in manifests if m["checkpoint_step"] == 1]
+    assert refreshed and all(m["store_version"] == 1 for m in refreshed)
+    pinned = read_pointer(run_dir)["index"]
+    assert (run_dir / "index" / pinned / "manifest.json").is_file()  # gc (keep 1) spared the pair's index
