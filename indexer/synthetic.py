@@ -13,6 +13,7 @@ pre-training statements, so predicting them needs retrieval + reading, not memor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,18 @@ def _extra_values(rng: np.random.Generator, values: dict, relations: tuple) -> N
                            else str(int(rng.integers(1700, 2000))))
 
 
+def _person(rng: np.random.Generator, used: set, rels: tuple, doc_id: str) -> tuple[dict, dict]:
+    """One invented person: their document and their attribute values (relation -> value)."""
+    name = _name(rng, used)
+    values = {"city": str(rng.choice(CITIES)).capitalize(), "year": str(int(rng.integers(1700, 2000))),
+              "profession": str(rng.choice(PROFESSIONS)), "instrument": str(rng.choice(INSTRUMENTS))}
+    _extra_values(rng, values, rels)
+    sentences = [DOC_FACTS[a][int(rng.integers(2))].format(n=name, v=v) for a, v in values.items()]
+    sentences.append(str(rng.choice(FILLER)).format(n=name))
+    text = " ".join(sentences[j] for j in rng.permutation(len(sentences)))
+    return {"id": doc_id, "title": name, "text": text}, values
+
+
 def _statement(rng: np.random.Generator, attr: str, held_out: bool, phrasing: str) -> str:
     if phrasing == "shared":  # one template pool for pre-training and eval statements
         return STATEMENTS[attr][int(rng.integers(2))]
@@ -148,15 +161,9 @@ def generate(num_entities: int, seed: int = 0, eval_fraction: float = 0.2, relat
     corpus, train, evals, qa_train, qa_eval = [], [], [], [], []
     n_eval = max(1, int(num_entities * eval_fraction))
     for i in range(num_entities):
-        name = _name(rng, used)
-        values = {"city": str(rng.choice(CITIES)).capitalize(), "year": str(int(rng.integers(1700, 2000))),
-                  "profession": str(rng.choice(PROFESSIONS)), "instrument": str(rng.choice(INSTRUMENTS))}
-        _extra_values(rng, values, rels)
-        sentences = [DOC_FACTS[a][int(rng.integers(2))].format(n=name, v=v) for a, v in values.items()]
-        sentences.append(str(rng.choice(FILLER)).format(n=name))
-        doc_id = f"ent{i:05d}"
-        text = " ".join(sentences[j] for j in rng.permutation(len(sentences)))
-        corpus.append({"id": doc_id, "title": name, "text": text})
+        doc, values = _person(rng, used, rels, f"ent{i:05d}")
+        corpus.append(doc)
+        name, doc_id = doc["title"], doc["id"]
         held_out = i >= num_entities - n_eval
         for attr, v in values.items():
             text = _statement(rng, attr, held_out, phrasing).format(n=name, v=v)
@@ -176,3 +183,34 @@ def write_synthetic(out_dir: Path, num_entities: int, seed: int = 0, relations: 
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         paths[name] = path
     return paths
+
+
+def new_people(num: int, seed: int, relations: str = "basic", exclude_names=(), id_prefix: str = "new"
+               ) -> dict[str, list[dict]]:
+    """People for a corpus edit: `corpus` documents (ids `{id_prefix}00000`...; names outside exclude_names)
+    and `qa`, one question per fact with its `gold_id`, in generate()'s formats."""
+    if relations not in RELATIONS:
+        raise ValueError(f"relations {relations!r}: expected one of {', '.join(RELATIONS)}")
+    rng = np.random.default_rng(seed)
+    used = set(exclude_names)
+    corpus, qa = [], []
+    for i in range(num):
+        doc, values = _person(rng, used, RELATIONS[relations], f"{id_prefix}{i:05d}")
+        corpus.append(doc)
+        for attr, v in values.items():
+            question = QUESTIONS[attr][int(rng.integers(2))].format(n=doc["title"])
+            qa.append({"question": question, "answers": [v], "gold_id": doc["id"], "attribute": attr})
+    return {"corpus": corpus, "qa": qa}
+
+
+def read_facts(doc: dict) -> dict[str, str]:
+    """relation -> value of a generated document, read back from its sentences (DOC_FACTS' templates)."""
+    name = re.escape(doc["title"])
+    facts = {}
+    for attr, templates in DOC_FACTS.items():
+        for t in templates:
+            pattern = re.escape(t).replace(re.escape("{n}"), name).replace(re.escape("{v}"), r"(\w+)")
+            m = re.search(r"(?:^|(?<=\. ))" + pattern + r"(?= |$)", doc["text"])
+            if m:
+                facts[attr] = m.group(1)
+    return facts

@@ -313,3 +313,56 @@ def test_local_pretraining_refreshes_the_edited_pair(trained, run_dir, tmp_path)
     assert refreshed and all(m["store_version"] == 1 for m in refreshed)
     pinned = read_pointer(run_dir)["index"]
     assert (run_dir / "index" / pinned / "manifest.json").is_file()  # gc (keep 1) spared the pair's index
+
+
+def test_a_prediction_moves_when_its_top_share_block_is_edited(trained, run_dir, tmp_path):
+    """An answer that rests on one document's words: take them out of that document (they occur in no other)
+    and, with the same model, it can no longer be given; its old top-share block is never shown again."""
+    from trainer.qa_system import load_qa_system
+
+    corpus = {d["id"]: d for d in trained["corpus"]}
+    questions = [json.loads(line)["question"] for name in ("qa_eval", "qa_train")
+                 for line in open(trained["data"][name])]
+
+    def predict(qs):
+        cfg = cfg_for(run_dir, "query", "finetune.k=3")
+        system = load_qa_system(cfg, "auto")
+        system.model.eval()
+        return system, system.predict(qs, 3, cfg.finetune.max_answer_len)
+
+    system, preds = predict(questions)
+    picked = None
+    for q, p in zip(questions, preds):
+        word = p["prediction"].strip()
+        holders = [d for d in corpus.values() if word and word in d["text"]]
+        if len(word) >= 4 and len(holders) == 1 and holders[0]["id"] == system.run.store.doc_id(p["top_share_block"]):
+            picked = q, p, word, holders[0]
+            break
+    assert picked, "no prediction rests on words found in one document only"
+    q, p, word, doc = picked
+    update(run_dir, write_jsonl(tmp_path / "c.jsonl", [{**doc, "text": doc["text"].replace(word, "Zyqwex")}]))
+    system, (after,) = predict([q])
+    assert after["prediction"].strip() != word
+    assert p["top_share_block"] not in after["top_k"]  # the replaced block is dead
+    store = system.run.store
+    dead = set(store.dead.tolist())
+    assert not any(word in store.text(b) for b in range(len(store)) if b not in dead)
+
+
+def test_the_corpus_edit_benchmark_runs_and_matches_a_rebuild(trained, tmp_path):
+    """bench/corpus_edits.py end to end on the small run: every step runs, EM figures are rates, and the
+    edited index's top-k equals the full rebuild's for every probe question."""
+    from bench.corpus_edits import main
+
+    results = tmp_path / "RESULTS.md"
+    rows = main(["--run-dir", str(trained["run"]), "--work", str(tmp_path / "w"),
+                 "--corpus", str(trained["data"]["corpus"]), "--qa-eval", str(trained["data"]["qa_eval"]),
+                 "--add", "3", "--edit", "2", "--delete", "2",
+                 "--cost-fraction", "0.05", "--max-questions", "8", "--results", str(results), *LENGTHS])
+    added = next(r for r in rows if r["step"] == "3 new people, after update-corpus")
+    assert added["blocks_embedded"] == 3  # one block a person: only the added documents are embedded
+    rebuilt = rows[-1]["same_top_k"]
+    n_same, n_probe = map(int, rebuilt.split(" ")[0].split("/"))
+    assert n_same == n_probe > 0
+    assert all(0 <= r["exact_match"] <= 1 for r in rows if "exact_match" in r)
+    assert "Corpus edits without retraining" in results.read_text()

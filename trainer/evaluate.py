@@ -79,7 +79,11 @@ def evaluate_openqa(cfg: TrainConfig) -> dict:
     k = cfg.finetune.k
     records = answer_questions(system, examples, k, cfg.finetune.max_answer_len, cfg.eval.batch_size)
     n = len(examples)
+    # where the questions name their gold document: how often a correct answer rests mostly on it
+    grounded = [r for r in records if r["exact_match"] and r["gold_id"] is not None]
     metrics = {"exact_match": sum(r["exact_match"] for r in records) / n,
+               "top_share_is_gold": sum(r["top_share_doc"] == r["gold_id"] for r in grounded) / len(grounded)
+               if grounded else None, "n_top_share_checked": len(grounded),
                "retrieval_recall_at_k": sum(r["answer_in_top_k"] for r in records) / n, "k": k, "n": n,
                "index_version": system.index.version,
                "model": str(resolve_qa_model_dir(system.run.dir, cfg.eval.model)), "retrieval": cfg.finetune.retrieval}

@@ -130,13 +130,19 @@ class QASystem:
 
     def predict(self, questions: list[str], k: int, max_answer_len: int, candidates: np.ndarray | None = None
                 ) -> list[dict]:
-        """`answer` for each question, with its top-k ids and scores and `top_share`: the largest share of p(y|x)
-        that one block holds (low: no single block carries the answer, so it rests on weak or split evidence)."""
+        """`answer` for each question, with its top-k ids and scores, `top_share`: the largest share of p(y|x)
+        that one block holds (low: no single block carries the answer, so it rests on weak or split evidence),
+        and `top_share_block`, the block that holds it."""
         with torch.no_grad():
             scores, cand, span, batch = self.forward(questions, None, k, max_answer_len, candidates)
             answers = self.answer(scores, cand, span, batch)
-        return [{**pred, "top_k": [int(c) for c in cand[b]], "scores": [float(s) for s in scores[b].float().cpu()],
-                 "top_share": max(pred["shares"])} for b, pred in enumerate(answers)]
+        out = []
+        for b, pred in enumerate(answers):
+            top = max(range(len(pred["shares"])), key=pred["shares"].__getitem__)
+            out.append({**pred, "top_k": [int(c) for c in cand[b]],
+                        "scores": [float(s) for s in scores[b].float().cpu()],
+                        "top_share": pred["shares"][top], "top_share_block": int(cand[b, top])})
+        return out
 
     def span_text(self, block: int, first: int, length: int) -> tuple[str, tuple[int, int]]:
         return block_span_text(self.run, block, first, length)
@@ -186,7 +192,10 @@ def answer_questions(system: QASystem, examples: list[QAExample], k: int, max_an
                             "exact_match": exact_match(pred["prediction"], ex.answers, ex.is_regex),
                             "answer_in_top_k": any(answer_in_text(system.run.store.text(b), ex.answers, ex.is_regex)
                                                    for b in pred["top_k"] if b >= 0),
-                            "top_k": pred["top_k"], "scores": pred["scores"], "top_share": pred["top_share"]})
+                            "top_k": pred["top_k"], "scores": pred["scores"], "top_share": pred["top_share"],
+                            "top_share_block": pred["top_share_block"],
+                            "top_share_doc": system.run.store.doc_id(pred["top_share_block"])
+                            if pred["top_share_block"] >= 0 else None, "gold_id": ex.gold_id})
     return records
 
 
