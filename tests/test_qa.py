@@ -168,3 +168,25 @@ def test_disjoint_phrasing_keeps_eval_wordings_out_of_pre_training():
         {r["gold_id"] for r in data["eval"]} & {r["gold_id"] for r in data["pretrain"]})
     with pytest.raises(ValueError, match="phrasing 'new'"):
         generate(3, phrasing="new")
+
+
+@pytest.mark.parametrize("relations", ["basic", "confusable"])
+def test_new_people_are_new_and_facts_read_back_from_documents(relations):
+    """The corpus-edit benchmark's people: fresh names and ids, one question per fact; read_facts recovers
+    every value a generated document states (and nothing from another person's document)."""
+    from indexer.synthetic import RELATIONS, generate, new_people, read_facts
+
+    data = generate(60, seed=1, relations=relations)
+    names = {d["title"] for d in data["corpus"]}
+    new = new_people(30, seed=2, relations=relations, exclude_names=names)
+    assert not names & {d["title"] for d in new["corpus"]}
+    assert len({d["id"] for d in new["corpus"]}) == 30 and all(d["id"].startswith("new") for d in new["corpus"])
+    for doc in data["corpus"] + new["corpus"]:
+        facts = read_facts(doc)
+        assert set(facts) == set(RELATIONS[relations])
+        assert all(v in doc["text"] for v in facts.values())
+    by_doc = {d["id"]: read_facts(d) for d in new["corpus"]}
+    assert len(new["qa"]) == 30 * len(RELATIONS[relations])
+    assert all(q["answers"] == [by_doc[q["gold_id"]][q["attribute"]]] for q in new["qa"])
+    other = {**data["corpus"][0], "title": data["corpus"][1]["title"]}
+    assert read_facts(other) == {}
