@@ -87,3 +87,26 @@ def pretrain_losses(run_dir: Path) -> dict[int, float]:
         if e["job"] == "pretrain":
             out[e["step"]] = e["loss"]
     return out
+
+
+def small_qa_run(tmp: Path, *overrides: str) -> dict:
+    """prepare + ICT + fine-tuning (2 steps each, random tiny BERT) on 40 synthetic people, k = 3: the run
+    directory, its config and the generated data files, for tests that need trained models quickly."""
+    from cluster.config import load_config
+    from indexer.synthetic import write_synthetic
+    from trainer.finetune import finetune
+    from trainer.ict import ict
+    from trainer.prepare import prepare
+
+    data = write_synthetic(tmp / "data", num_entities=40, seed=3)
+    run = tmp / "run"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={run}", f"data.corpus={data['corpus']}", f"data.pretrain={data['pretrain']}",
+        f"data.qa_train={data['qa_train']}", f"data.qa_eval={data['qa_eval']}", "masking.ner=regex",
+        "cluster.backend=local", "retrieval.k=3", "eval.k=3", "ict.steps=2", "ict.batch_size=8",
+        "finetune.steps=2", "finetune.k=3", "finetune.batch_size=4", "data.max_eval_examples=4", *TINY_MODEL,
+        *overrides])
+    prepare(cfg)
+    ict(cfg)
+    finetune(cfg)
+    return {"cfg": cfg, "run": run, "data": data}

@@ -11,7 +11,7 @@ import launch
 from cluster.config import load_config
 from indexer.blocks import BlockStore
 from indexer.corpus_versions import read_pointer
-from tests.conftest import ROOT, TINY_MODEL, write_jsonl
+from tests.conftest import ROOT, TINY_MODEL, small_qa_run, write_jsonl
 
 # the tiny model's lengths (read from the config, not the checkpoint)
 LENGTHS = ["model.query_max_len=32", "model.reader_max_len=96", "threads=2"]
@@ -21,23 +21,8 @@ K = 5
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A prepared run with an ICT model and a QA model fine-tuned from it (its doc encoder: ICT's)."""
-    from indexer.synthetic import write_synthetic
-    from trainer.finetune import finetune
-    from trainer.ict import ict
-    from trainer.prepare import prepare
-
-    tmp = tmp_path_factory.mktemp("edits")
-    data = write_synthetic(tmp / "data", num_entities=40, seed=3)
-    run = tmp / "run"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run_dir={run}", f"data.corpus={data['corpus']}", f"data.pretrain={data['pretrain']}",
-        f"data.qa_train={data['qa_train']}", f"data.qa_eval={data['qa_eval']}", "masking.ner=regex",
-        "cluster.backend=local", "retrieval.k=3", "eval.k=3", "ict.steps=2", "ict.batch_size=8",
-        "finetune.steps=2", "finetune.k=3", "finetune.batch_size=4", "data.max_eval_examples=4", "finetune.init=ict",
-        *TINY_MODEL])
-    prepare(cfg)
-    ict(cfg)
-    finetune(cfg)
+    small = small_qa_run(tmp_path_factory.mktemp("edits"), "finetune.init=ict")
+    run, data = small["run"], small["data"]
     corpus = [json.loads(line) for line in open(data["corpus"])]
     questions = [json.loads(line)["question"] for line in open(data["qa_eval"])][:12]
     return {"run": run, "data": data, "corpus": corpus, "questions": questions}

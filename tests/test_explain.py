@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from cluster.config import load_config
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, small_qa_run
 
 # explain reads these from the config, not the checkpoint: the tiny model's lengths, not tiny.yaml's
 LENGTHS = ["model.query_max_len=32", "model.reader_max_len=96", "threads=2"]
@@ -18,24 +18,10 @@ LENGTHS = ["model.query_max_len=32", "model.reader_max_len=96", "threads=2"]
 def trained(tmp_path_factory):
     """A prepared run with an ICT model (the pre-trained REALM model text= mode reads) and a QA model
     fine-tuned from it; `bare` has a block store and no model."""
-    from indexer.synthetic import write_synthetic
-    from trainer.finetune import finetune
-    from trainer.ict import ict
-    from trainer.prepare import prepare
-
-    tmp = tmp_path_factory.mktemp("explain")
-    data = write_synthetic(tmp / "data", num_entities=40, seed=3)
-    run = tmp / "run"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run_dir={run}", f"data.corpus={data['corpus']}", f"data.pretrain={data['pretrain']}",
-        f"data.qa_train={data['qa_train']}", f"data.qa_eval={data['qa_eval']}", "masking.ner=regex",
-        "cluster.backend=local", "retrieval.k=3", "eval.k=3", "ict.steps=2", "ict.batch_size=8",
-        "finetune.steps=2", "finetune.k=3", "finetune.batch_size=4", "data.max_eval_examples=4", *TINY_MODEL])
-    prepare(cfg)
-    bare = tmp / "bare"
-    shutil.copytree(run / "blocks", bare / "blocks")
-    ict(cfg)
-    finetune(cfg)
+    small = small_qa_run(tmp_path_factory.mktemp("explain"))
+    cfg, run, data = small["cfg"], small["run"], small["data"]
+    bare = run.parent / "bare"
+    shutil.copytree(run / "blocks", bare / "blocks")  # the block store as prepare left it, no model
     qa = [json.loads(line) for line in open(data["qa_eval"])]
     pre = [json.loads(line) for line in open(data["pretrain"])]
     return {"cfg": cfg, "run": run, "bare": bare, "question": qa[0]["question"],
