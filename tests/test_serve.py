@@ -1,0 +1,163 @@
+"""The Open-QA service: requests are checked field by field, answers and explanations come from the code
+`query` and `explain` run, a committed corpus edit is served after one swap (each answer from one version),
+and the real Ray Serve application answers over loopback HTTP with JSON errors for bad requests."""
+import json
+import shutil
+
+import pytest
+
+from cluster.config import load_config
+from tests.conftest import ROOT, small_qa_run, write_jsonl
+from trainer.serve_requests import MAX_BODY_BYTES, BadRequest, QARequest, parse_request
+
+LENGTHS = ["model.query_max_len=32", "model.reader_max_len=96", "threads=2"]  # the tiny model's
+
+
+# ---- request validation (no model) -------------------------------------------------------------------
+@pytest.mark.parametrize("body,field,status,words", [
+    (b"{not json", "body", 400, "not valid JSON"),
+    (b"\xff\xfe", "body", 400, "UTF-8"),
+    (b"[1, 2]", "body", 400, "expected a JSON object, got array"),
+    (b"{}", "question", 400, "missing"),
+    (b'{"question": ""}', "question", 400, "empty"),
+    (b'{"question": "   "}', "question", 400, "empty"),
+    (b'{"question": 5}', "question", 400, "must be a string, got integer"),
+    (b'{"question": ["a"]}', "question", 400, "must be a string, got array"),
+    (b'{"question": "q", "k": 0}', "k", 400, "between 1 and 8, got 0"),
+    (b'{"question": "q", "k": -3}', "k", 400, "between 1 and 8, got -3"),
+    (b'{"question": "q", "k": 9}', "k", 400, "between 1 and 8, got 9"),
+    (b'{"question": "q", "k": "3"}', "k", 400, "must be an integer, got string"),
+    (b'{"question": "q", "k": 2.5}', "k", 400, "must be an integer, got number"),
+    (b'{"question": "q", "k": true}', "k", 400, "must be an integer, got boolean"),
+    (b'{"question": "q", "kk": 2}', "kk", 400, "unknown field"),
+    (json.dumps({"question": "x" * MAX_BODY_BYTES}).encode(), "body", 413, "over the limit"),
+])
+def test_a_bad_request_names_its_field(body, field, status, words):
+    with pytest.raises(BadRequest) as err:
+        parse_request(body, max_k=8)
+    assert err.value.field == field and err.value.status == status
+    assert str(err.value).startswith(f"field '{field}': ") and words in str(err.value)
+
+
+def test_a_good_request_parses():
+    assert parse_request(b'{"question": " Who? "}', 8) == QARequest("Who?", None)
+    assert parse_request('{"question": "Wo wohnt Zoë?", "k": 8}'.encode(), 8) == QARequest("Wo wohnt Zoë?", 8)
+
+
+# ---- the service core on a small trained run ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    small = small_qa_run(tmp_path_factory.mktemp("serve"))
+    data = small["data"]
+    return {"run": small["run"], "data": data, "corpus": [json.loads(line) for line in open(data["corpus"])],
+            "questions": [json.loads(line)["question"] for line in open(data["qa_eval"])][:6]}
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained["run"], dst)
+    return dst
+
+
+def serve_cfg(run_dir, *overrides):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *LENGTHS, *overrides], "serve")
+
+
+def service_for(run_dir, *overrides):
+    from trainer.qa_service import QAService
+
+    cfg = serve_cfg(run_dir, *overrides)
+    return QAService(cfg, cfg.serve.max_k, poll_seconds=0.0)
+
+
+def test_answers_are_querys_answers_with_their_blocks_and_version(trained, run_dir):
+    from trainer.qa_system import load_qa_system
+
+    service = service_for(run_dir, "finetune.k=3")
+    qs = trained["questions"]
+    got = service.answer([QARequest(q, None) for q in qs[:3]] + [QARequest(qs[3], 2)])
+    cfg = serve_cfg(run_dir)
+    system = load_qa_system(cfg, "auto")
+    system.model.eval()
+    want = system.predict(qs[:3], 3, cfg.finetune.max_answer_len) + system.predict([qs[3]], 2,
+                                                                                   cfg.finetune.max_answer_len)
+    store = system.run.store
+    for a, p in zip(got, want):
+        assert a["answer"] == p["prediction"] and a["probability"] == pytest.approx(p["probability"], rel=1e-5)
+        assert [b["block_id"] for b in a["blocks"]] == p["top_k"]
+        assert a["evidence"] == {"block_id": p["block_id"], "char_span": p["char_span"]}
+        evidence = next(b for b in a["blocks"] if b["block_id"] == p["block_id"])
+        s, e = a["evidence"]["char_span"]
+        assert evidence["text"][s:e] == a["answer"] and evidence["text"] == store.text(p["block_id"])
+        assert all(set(b) == {"block_id", "doc_id", "title", "text", "p_z", "share"} for b in a["blocks"])
+        assert sum(b["p_z"] for b in a["blocks"]) == pytest.approx(1.0, abs=1e-4)
+        assert sum(b["share"] for b in a["blocks"]) == pytest.approx(1.0, abs=1e-4)
+        assert a["index_version"] == system.index.version and a["store_version"] == 0 and a["model"] == "models/qa"
+    assert [len(a["blocks"]) for a in got] == [3, 3, 3, 2]
+    assert service.health() == {"status": "ok", "index_version": system.index.version, "store_version": 0,
+                                "model": "models/qa", "loading": False}
+
+
+def test_explain_is_explains_output_with_its_version(trained, run_dir):
+    from trainer.explain import explain
+
+    service = service_for(run_dir, "finetune.k=3")
+    q = trained["questions"][0]
+    got = service.explain(QARequest(q, None))
+    want = explain(load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *LENGTHS, "finetune.k=3",
+                                                                f"question={q}"], "explain"))
+    assert got["prediction"] == got["answer"] == want["prediction"]
+    assert [(r["block_id"], r["without"]["prediction"]) for r in got["blocks"]] == \
+        [(r["block_id"], r["without"]["prediction"]) for r in want["blocks"]]
+    assert [r["share"] for r in got["blocks"]] == pytest.approx([r["share"] for r in want["blocks"]], rel=1e-5)
+    assert got["index_version"] == service.current.index_version and got["k"] == 3
+
+
+def test_a_k_over_the_live_blocks_is_refused_in_its_place(run_dir):
+    service = service_for(run_dir, "serve.max_k=100000")
+    live = service.current.system.run.store.num_live
+    good, bad = service.answer([QARequest("Who?", 2), QARequest("Who?", live + 1)])
+    assert good["k"] == 2 and isinstance(bad, BadRequest) and bad.field == "k" and f"between 1 and {live}" in str(bad)
+    with pytest.raises(BadRequest, match="field 'k'"):
+        service.explain(QARequest("Who?", live + 1))
+
+
+def test_an_update_corpus_is_served_after_one_swap(trained, run_dir, tmp_path):
+    """Every old document deleted and one added: after the swap the only possible evidence is the new
+    document, so an answer from it (and its version) shows the service reads the new pair whole."""
+    from trainer.corpus_edits import update_corpus
+
+    service = service_for(run_dir, "finetune.k=1")
+    question = "Where was Mira Tolk born?"
+    before = service.answer([QARequest(question, None)])[0]
+    old_docs = {d["id"] for d in trained["corpus"]}
+    assert before["blocks"][0]["doc_id"] in old_docs
+    assert not service.poll(wait=True)  # nothing committed: no load
+
+    changes = write_jsonl(tmp_path / "c.jsonl", [{"id": d, "delete": True} for d in sorted(old_docs)]
+                          + [{"id": "fresh", "title": "Mira Tolk", "text": "Mira Tolk was born in Ostend in 1950."}])
+    summary = update_corpus(load_config(ROOT / "configs" / "tiny.yaml",
+                                        [f"run_dir={run_dir}", "threads=2", f"changes={changes}"], "update-corpus"))
+    # committed but not yet polled: still the old version, wholly (its blocks, its numbers)
+    still = service.answer([QARequest(question, None)])[0]
+    assert still == before
+
+    assert service.poll(wait=True) and service.swaps == 1
+    after = service.answer([QARequest(question, None)])[0]
+    assert (after["index_version"], after["store_version"]) == (summary["index_version"], 1)
+    assert after["index_version"] > before["index_version"]
+    assert [b["doc_id"] for b in after["blocks"]] == ["fresh"]
+    assert after["evidence"]["block_id"] == after["blocks"][0]["block_id"]
+    assert after["answer"] and after["answer"] in "Mira Tolk was born in Ostend in 1950."
+    assert service.health()["index_version"] == summary["index_version"]
+    assert not service.poll(wait=True)  # the same pointer again: no second load
+
+
+def test_a_version_that_fails_to_load_keeps_the_old_one(run_dir):
+    service = service_for(run_dir)
+    before = service.current
+    (run_dir / "CORPUS").write_text('{"store": "store/v0099", "index": "v0099"}')  # names no complete store
+    assert service.poll(wait=True)
+    assert service.current is before and service.swaps == 0
+    assert service.answer([QARequest("Who?", None)])[0]["index_version"] == before.index_version
