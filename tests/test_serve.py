@@ -161,3 +161,108 @@ def test_a_version_that_fails_to_load_keeps_the_old_one(run_dir):
     assert service.poll(wait=True)
     assert service.current is before and service.swaps == 0
     assert service.answer([QARequest("Who?", None)])[0]["index_version"] == before.index_version
+
+
+# ---- the real Ray Serve application over loopback HTTP ------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(port, method, path, body=None, headers=None):
+    """(status, parsed JSON body) of one request; bodies given as bytes are sent as they are."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None
+    finally:
+        conn.close()
+
+
+def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_path):
+    """`launch.py serve` on a free loopback port: health, answers (concurrent ones batched), an explanation,
+    every kind of bad request a 4xx JSON error naming the field (no stack trace), an update-corpus served
+    after the swap, only 127.0.0.1 listening on the port, and a clean stop on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "serve", f"run_dir={run_dir}", *LENGTHS,
+                             f"serve.port={port}", "finetune.k=3", "serve.poll_seconds=0.2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    try:
+        line = proc.stdout.readline()  # one JSON line once the application answers
+        assert line, f"serve exited ({proc.poll()}): {''.join(stderr)[-3000:]}"
+        ready = json.loads(line)
+        assert ready["url"] == f"http://127.0.0.1:{port}/" and ready["status"] == "ok"
+        listening = {c.laddr.ip for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}
+
+        status, health = _http(port, "GET", "/v1/health")
+        assert status == 200 and health["index_version"] == ready["index_version"] and health["model"] == "models/qa"
+
+        qs = trained["questions"]
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests share batches; each gets its own answer
+            answers = list(pool.map(lambda q: _http(port, "POST", "/v1/answer", {"question": q}), qs * 2))
+        assert all(s == 200 for s, _ in answers)
+        assert [a["question"] for _, a in answers] == qs * 2
+        assert [a["answer"] for _, a in answers[:len(qs)]] == [a["answer"] for _, a in answers[len(qs):]]
+        assert all(len(a["blocks"]) == 3 and a["index_version"] == ready["index_version"] for _, a in answers)
+        status, one = _http(port, "POST", "/v1/answer", {"question": qs[0], "k": 2})
+        assert status == 200 and len(one["blocks"]) == 2
+        status, why = _http(port, "POST", "/v1/explain", {"question": qs[0]})
+        assert status == 200 and why["answer"] == answers[0][1]["answer"] and len(why["blocks"]) == 3
+        assert all("without" in r and "share" in r for r in why["blocks"])
+
+        bad = [("POST", "/v1/answer", b"{oops", "body", 400), ("POST", "/v1/answer", {}, "question", 400),
+               ("POST", "/v1/answer", {"question": ""}, "question", 400),
+               ("POST", "/v1/answer", {"question": 7}, "question", 400),
+               ("POST", "/v1/answer", {"question": "q", "k": 0}, "k", 400),
+               ("POST", "/v1/answer", {"question": "q", "k": 10**6}, "k", 400),
+               ("POST", "/v1/explain", {"question": "q", "k": "2"}, "k", 400),
+               ("POST", "/v1/answer", b"x" * (MAX_BODY_BYTES + 1), "body", 413),
+               ("GET", "/v1/answer", None, None, 405), ("POST", "/v1/health", None, None, 405),
+               ("GET", "/nope", None, None, 404)]
+        for method, path, body, field, want in bad:
+            status, err = _http(port, method, path, body)
+            assert status == want and set(err) <= {"error", "field"} and err.get("field") == field, (path, body, err)
+            assert "Traceback" not in err["error"] and "File \"" not in err["error"]
+        assert _http(port, "POST", "/v1/answer", {"question": qs[0]})[1]["answer"] == answers[0][1]["answer"]
+
+        from trainer.corpus_edits import update_corpus
+
+        changes = write_jsonl(tmp_path / "c.jsonl", [{"id": "fresh", "title": "Mira Tolk",
+                                                      "text": "Mira Tolk was born in Ostend in 1950."}])
+        summary = update_corpus(load_config(ROOT / "configs" / "tiny.yaml",
+                                            [f"run_dir={run_dir}", "threads=2", f"changes={changes}"], "update-corpus"))
+        versions = []
+        for _ in range(600):  # answers keep coming while the new pair loads; the version only moves forward
+            status, a = _http(port, "POST", "/v1/answer", {"question": "Where was Mira Tolk born?"})
+            assert status == 200
+            versions.append(a["index_version"])
+            if a["index_version"] == summary["index_version"]:
+                break
+        assert versions[-1] == summary["index_version"] and versions == sorted(versions)
+        assert a["store_version"] == 1
+        assert _http(port, "GET", "/v1/health")[1]["index_version"] == summary["index_version"]
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0, "".join(stderr)[-3000:]
