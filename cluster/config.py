@@ -95,7 +95,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "reindex": (*_COMPUTE, "data.corpus", "eval.model", "data.max_doc_bytes", "blocks.max_title_len",
                 "refresh.keep_versions"),
     # serving answers as `query` does; it starts (or joins, cluster.address) Ray itself
-    "serve": (*_COMPUTE, *_QA_READING, "serve.", "cluster.address", "cluster.host"),
+    "serve": (*_COMPUTE, *_QA_READING, "serve.", "cluster.address", "cluster.host", "cluster.dashboard"),
 }
 
 
