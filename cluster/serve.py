@@ -3,6 +3,7 @@
     POST /v1/answer   {"question": str, "k": int (optional)} -> answer, probability, evidence, blocks, versions
     POST /v1/explain  the same request -> `launch.py explain`'s explanation (shares, leave-one-out)
     GET  /v1/health   -> {"status", "index_version", "store_version", "model", "loading"}
+    GET  /            the web page (cluster/static/: a question box, the answer in its evidence, share bars)
 
 Everything a request means lives in plain Python (trainer/serve_requests.py checks it, trainer/qa_service.py
 answers it and swaps corpus versions); this module is the Ray Serve edge: one deployment, `QAServer`, whose
@@ -42,7 +43,16 @@ from trainer.serve_requests import MAX_BODY_BYTES, BadRequest, check_body_size, 
 log = logging.getLogger(__name__)
 
 APP_NAME = "realm-qa"
-ROUTES = {"/v1/answer": "POST", "/v1/explain": "POST", "/v1/health": "GET"}
+# the page's files, shipped in the package (no CDN: it works offline) and served with a policy that lets
+# them load only themselves and talk only to this service
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/app.css": ("app.css", "text/css; charset=utf-8")}
+STATIC_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                             "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                                             "frame-ancestors 'none'",
+                  "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+ROUTES = {"/v1/answer": "POST", "/v1/explain": "POST", "/v1/health": "GET", **{p: "GET" for p in STATIC}}
 
 
 def error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -76,6 +86,7 @@ class QAServer:
         self.service = QAService(cfg, sc.max_k, sc.poll_seconds)
         self.answer_batch.set_max_batch_size(sc.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(sc.batch_wait_s)
+        self.static = {path: ((STATIC_DIR / name).read_bytes(), media) for path, (name, media) in STATIC.items()}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def answer_batch(self, requests: list) -> list:
@@ -85,9 +96,13 @@ class QAServer:
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
         if path not in ROUTES:
-            return error(404, f"no such endpoint {path!r}; endpoints: {', '.join(ROUTES)}")
+            api = ", ".join(p for p in ROUTES if p.startswith("/v1/"))
+            return error(404, f"no such endpoint {path!r}; endpoints: {api}")
         if method != ROUTES[path]:
             return error(405, f"{path} takes {ROUTES[path]}, not {method}")
+        if path in self.static:
+            content, media = self.static[path]
+            return Response(content, media_type=media, headers=STATIC_HEADERS)
         self.service.poll()  # a stat, at most every serve.poll_seconds; a new version loads in the background
         try:
             if path == "/v1/health":

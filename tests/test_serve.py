@@ -49,7 +49,8 @@ def test_a_good_request_parses():
 def trained(tmp_path_factory):
     small = small_qa_run(tmp_path_factory.mktemp("serve"))
     data = small["data"]
-    return {"run": small["run"], "data": data, "corpus": [json.loads(line) for line in open(data["corpus"])],
+    return {"run": small["run"], "cfg": small["cfg"], "data": data,
+            "corpus": [json.loads(line) for line in open(data["corpus"])],
             "questions": [json.loads(line)["question"] for line in open(data["qa_eval"])][:6]}
 
 
@@ -154,6 +155,23 @@ def test_an_update_corpus_is_served_after_one_swap(trained, run_dir, tmp_path):
     assert not service.poll(wait=True)  # the same pointer again: no second load
 
 
+def test_a_new_fine_tuned_model_is_served_after_one_swap(trained, run_dir):
+    import dataclasses
+
+    from trainer.finetune import finetune
+
+    service = service_for(run_dir)
+    before = service.current
+    assert before.system.meta["step"] == 2
+    cfg = trained["cfg"]
+    finetune(dataclasses.replace(cfg, run_dir=str(run_dir), seed=1,
+                                 finetune=dataclasses.replace(cfg.finetune, steps=3)))
+    assert service.current is before  # renamed into place, not yet polled
+    assert service.poll(wait=True) and service.swaps == 1
+    assert service.current.system.meta["step"] == 3 and service.current.model == "models/qa"
+    assert service.current.index_version == before.index_version  # fine-tuning keeps the doc encoder and index
+
+
 def test_a_version_that_fails_to_load_keeps_the_old_one(run_dir):
     service = service_for(run_dir)
     before = service.current
@@ -187,10 +205,23 @@ def _http(port, method, path, body=None, headers=None):
         conn.close()
 
 
+def _get_page(port, path):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow  # 45-86 s on 2 shared cores: Ray, Serve's controller and proxy, a replica loading torch
 def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_path):
-    """`launch.py serve` on a free loopback port: health, answers (concurrent ones batched), an explanation,
-    every kind of bad request a 4xx JSON error naming the field (no stack trace), an update-corpus served
-    after the swap, only 127.0.0.1 listening on the port, and a clean stop on SIGTERM."""
+    """`launch.py serve` on a free loopback port: health, the web page's files, answers (concurrent ones
+    batched), an explanation, every kind of bad request a 4xx JSON error naming the field (no stack trace),
+    an update-corpus served after the swap, only 127.0.0.1 listening on the port, a clean stop on SIGTERM."""
     import os
     import signal
     import subprocess
@@ -217,6 +248,13 @@ def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_p
 
         status, health = _http(port, "GET", "/v1/health")
         assert status == 200 and health["index_version"] == ready["index_version"] and health["model"] == "models/qa"
+        status, headers, page = _get_page(port, "/")  # the web page and its files: shipped, nothing from elsewhere
+        assert status == 200 and headers["content-type"].startswith("text/html") and 'id="question"' in page
+        assert "script-src 'self'" in headers["content-security-policy"] and "http" not in page
+        for asset, kind in (("/app.js", "text/javascript"), ("/app.css", "text/css")):
+            status, headers, text = _get_page(port, asset)
+            assert status == 200 and headers["content-type"].startswith(kind) and text.strip()
+        assert "/v1/answer" in _get_page(port, "/app.js")[2]
 
         qs = trained["questions"]
         with ThreadPoolExecutor(8) as pool:  # concurrent requests share batches; each gets its own answer
@@ -266,3 +304,40 @@ def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_p
         os.kill(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=120)
     assert rc == 0, "".join(stderr)[-3000:]
+
+
+def test_serving_reads_only_the_keys_its_table_names(trained, run_dir):
+    """What the `serve` command's driver and a replica read of the config (its Ray start aside: connect reads
+    cluster.address, host and dashboard) is in COMMAND_KEYS["serve"], so an override it ignores is refused."""
+    from cluster.config import COMMAND_KEYS, reads
+    from cluster.serve import build_app, check_servable
+    from tests.test_command_keys import ReadRecorder
+    from trainer.qa_service import QAService
+
+    cfg = serve_cfg(run_dir)
+    recorder = ReadRecorder()
+    recorder.watch(cfg)
+    with recorder:
+        check_servable(cfg)
+        build_app(cfg)
+        service = QAService(cfg, cfg.serve.max_k, cfg.serve.poll_seconds)
+        service.answer([QARequest(trained["questions"][0], None)])
+        service.explain(QARequest(trained["questions"][0], 2))
+        service.poll(wait=True)
+    assert "serve.max_k" in recorder.reads and "finetune.k" in recorder.reads
+    assert sorted(k for k in recorder.reads if not reads("serve", k)) == []
+    assert "serve." in COMMAND_KEYS["serve"]
+
+
+def test_serve_refuses_bad_settings_and_a_run_without_a_model_in_one_line(tmp_path, capsys):
+    import launch
+
+    for override, words in [("serve.port=0", "'serve.port': must be a TCP port"),
+                            ("serve.replicas=0", "'serve.replicas': must be positive"),
+                            ("serve.batch_wait_s=-1", "'serve.batch_wait_s': must not be negative"),
+                            ("pretrain.steps=3", "'pretrain.steps' is not read by 'serve'")]:
+        assert launch.main(["serve", f"run_dir={tmp_path / 'run'}", override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert launch.main(["serve", f"run_dir={tmp_path / 'run'}"]) == 2  # before Ray starts: nothing to serve
+    assert "no block store here" in capsys.readouterr().err
