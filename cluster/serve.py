@@ -2,7 +2,7 @@
 
     POST /v1/answer   {"question": str, "k": int (optional)} -> answer, probability, evidence, blocks, versions
     POST /v1/explain  the same request -> `launch.py explain`'s explanation (shares, leave-one-out)
-    GET  /v1/health   -> {"status", "index_version", "store_version", "model", "loading"}
+    GET  /v1/health   -> {"status", "index_version", "store_version", "model", "loading", "answered", "batches"}
     GET  /            the web page (cluster/static/: a question box, the answer in its evidence, share bars)
 
 Everything a request means lives in plain Python (trainer/serve_requests.py checks it, trainer/qa_service.py
@@ -103,8 +103,8 @@ class QAServer:
         if path in self.static:
             content, media = self.static[path]
             return Response(content, media_type=media, headers=STATIC_HEADERS)
-        self.service.poll()  # a stat, at most every serve.poll_seconds; a new version loads in the background
         try:
+            self.service.poll()  # a stat, at most every serve.poll_seconds; a new version loads in the background
             if path == "/v1/health":
                 return JSONResponse(self.service.health())
             req = parse_request(await read_body(request), self.service.max_k())

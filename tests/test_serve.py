@@ -97,7 +97,7 @@ def test_answers_are_querys_answers_with_their_blocks_and_version(trained, run_d
         assert a["index_version"] == system.index.version and a["store_version"] == 0 and a["model"] == "models/qa"
     assert [len(a["blocks"]) for a in got] == [3, 3, 3, 2]
     assert service.health() == {"status": "ok", "index_version": system.index.version, "store_version": 0,
-                                "model": "models/qa", "loading": False}
+                                "model": "models/qa", "loading": False, "answered": 4, "batches": 1}
 
 
 def test_explain_is_explains_output_with_its_version(trained, run_dir):
@@ -178,6 +178,10 @@ def test_a_version_that_fails_to_load_keeps_the_old_one(run_dir):
     (run_dir / "CORPUS").write_text('{"store": "store/v0099", "index": "v0099"}')  # names no complete store
     assert service.poll(wait=True)
     assert service.current is before and service.swaps == 0
+    assert not service.poll(wait=True)  # the same broken pointer is not loaded again and again
+    assert service.answer([QARequest("Who?", None)])[0]["index_version"] == before.index_version
+    shutil.rmtree(run_dir / "models")  # even the model gone: the loaded version goes on answering
+    assert service.poll(wait=True) and service.current is before
     assert service.answer([QARequest("Who?", None)])[0]["index_version"] == before.index_version
 
 
@@ -263,6 +267,8 @@ def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_p
         assert [a["question"] for _, a in answers] == qs * 2
         assert [a["answer"] for _, a in answers[:len(qs)]] == [a["answer"] for _, a in answers[len(qs):]]
         assert all(len(a["blocks"]) == 3 and a["index_version"] == ready["index_version"] for _, a in answers)
+        counts = _http(port, "GET", "/v1/health")[1]
+        assert counts["answered"] == 2 * len(qs) and counts["batches"] < counts["answered"]  # batched
         status, one = _http(port, "POST", "/v1/answer", {"question": qs[0], "k": 2})
         assert status == 200 and len(one["blocks"]) == 2
         status, why = _http(port, "POST", "/v1/explain", {"question": qs[0]})

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import InputError
 from indexer.corpus_versions import POINTER
 from trainer.config import TrainConfig
 from trainer.explain import explain_question
@@ -64,6 +65,7 @@ class QAService:
         self._last_poll = time.monotonic()
         self._failed_stamp: tuple | None = None
         self.swaps = 0
+        self.answered = self.batches = 0  # what /v1/health reports: whether concurrent requests share batches
         self.current = self._load()
 
     # ---- versions --------------------------------------------------------------------------------
@@ -72,7 +74,11 @@ class QAService:
 
     def _stamp(self) -> tuple:
         """The corpus pointer's and the model manifest's identity: changes exactly when either is committed."""
-        return _stat(self.run_dir / POINTER), _stat(self._model_dir() / "manifest.json")
+        try:
+            model = _stat(self._model_dir() / "manifest.json")
+        except InputError:  # no model directory any more: a change, which the load will report
+            model = None
+        return _stat(self.run_dir / POINTER), model
 
     def _load(self) -> ServedVersion:
         stamp = self._stamp()  # read first: a commit during the load differs from it, so the next poll sees it
@@ -150,6 +156,8 @@ class QAService:
             preds = served.system.predict([requests[i].question for i in idx], k, cfg.max_answer_len)
             for i, pred in zip(idx, preds):
                 out[i] = answer_json(served, requests[i].question, k, pred)
+        self.batches += 1
+        self.answered += len(requests)
         return out
 
     def explain(self, request: QARequest) -> dict:
@@ -162,7 +170,8 @@ class QAService:
 
     def health(self) -> dict:
         served = self.current
-        return {"status": "ok", **version_json(served), "loading": self.loading}
+        return {"status": "ok", **version_json(served), "loading": self.loading, "answered": self.answered,
+                "batches": self.batches}
 
 
 def version_json(served: ServedVersion) -> dict:
