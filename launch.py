@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Single-node entry point: python launch.py <command> [--config configs/NAME.yaml] [dotted.key=value ...]
 
-Commands: prepare | ict | pretrain | finetune | evaluate | query | explain | update-corpus | reindex | report.
+Commands: prepare | ict | pretrain | finetune | evaluate | query | explain | update-corpus | reindex | serve | report.
 Every command reads from and writes into the config's run_dir (evaluate task=openqa scores exact match; query
 question="..."; explain question="..." or text="..." answer="..."; update-corpus changes=FILE edits the
 corpus and its index without training; reindex data.corpus=NEW embeds a new corpus with the trained
-encoders; `report [RUN_DIR]` plots events.jsonl to RUN_DIR/report/*.png).
+encoders; serve runs the QA model as an HTTP service on Ray Serve until interrupted; `report [RUN_DIR]` plots
+events.jsonl to RUN_DIR/report/*.png).
 A command's result goes to stdout (one JSON object; query, explain: readable text, --json for one), progress to
 stderr. Bad input exits with status 2 and one line naming the file:line or key. An override the
 command does not read is bad input (the error names the commands that read it); a script that
@@ -24,12 +25,17 @@ from core.env import set_offline_env
 set_offline_env()  # before transformers is imported anywhere: nothing is ever downloaded at run time
 
 COMMANDS = ("prepare", "ict", "pretrain", "finetune", "evaluate", "query", "explain", "update-corpus", "reindex",
-            "report")
+            "serve", "report")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
 
 
-def run_command(command: str, cfg) -> dict:
-    """The command's body, on the backend the config chooses; returns its result."""
+def run_command(command: str, cfg) -> dict | None:
+    """The command's body, on the backend the config chooses; returns its result (serve: None, it prints its
+    URL itself once it answers and runs until interrupted)."""
+    if command == "serve":
+        from cluster.serve import serve_forever
+
+        return serve_forever(cfg)
     if command == "pretrain" and cfg.cluster.backend == "ray":
         from cluster.run import pretrain_on_ray
 
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"report: {path}")
             return 0
         cfg = load_config(args.config, args.overrides, args.command, pipeline)
-        print_result(args.command, run_command(args.command, cfg), args.json)
+        result = run_command(args.command, cfg)
+        if result is not None:
+            print_result(args.command, result, args.json)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

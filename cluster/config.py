@@ -38,10 +38,24 @@ class ClusterConfig:
     poll_seconds: float = 0.5      # the refresh coordinator's look for newly published doc encoders
 
 
+@dataclass
+class ServeConfig:
+    """`launch.py serve`: the Open-QA HTTP service (cluster/serve.py)."""
+    host: str = "127.0.0.1"        # the HTTP proxy binds here only; 0.0.0.0 exposes the service to the network
+    port: int = 8000
+    replicas: int = 1              # QA replicas (each loads the model and the index)
+    replica_cpus: float = 1
+    replica_gpus: float = 0
+    max_batch_size: int = 16       # concurrent questions answered as one batch
+    batch_wait_s: float = 0.005    # how long a batch waits to fill: small, so one client's latency barely moves
+    max_k: int = 32                # the largest k a request may ask for (and at most the live blocks)
+    poll_seconds: float = 1.0      # how often a replica looks for a newly committed corpus version or model
+
 
 @dataclass
 class Config(TrainConfig):
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def valid_keys() -> list[str]:
@@ -80,6 +94,8 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
                       "refresh.keep_versions"),
     "reindex": (*_COMPUTE, "data.corpus", "eval.model", "data.max_doc_bytes", "blocks.max_title_len",
                 "refresh.keep_versions"),
+    # serving answers as `query` does; it starts (or joins, cluster.address) Ray itself
+    "serve": (*_COMPUTE, *_QA_READING, "serve.", "cluster.address", "cluster.host", "cluster.dashboard"),
 }
 
 
@@ -149,6 +165,14 @@ def check_config(cfg: Config) -> None:
                    "cluster.bf16": (cc.bf16, ("auto", "true", "false")),
                    "cluster.dist_backend": (cc.dist_backend, ("auto", "gloo", "nccl")),
                    "cluster.zero_stage": (cc.zero_stage, (0, 1, 2))})
+    sc = cfg.serve
+    check_positive({"serve.replicas": sc.replicas, "serve.max_batch_size": sc.max_batch_size,
+                    "serve.max_k": sc.max_k, "serve.poll_seconds": sc.poll_seconds})
+    if not 1 <= sc.port <= 65535:
+        raise InputError(f"config key 'serve.port': must be a TCP port (1-65535), got {sc.port}")
+    for key in ("batch_wait_s", "replica_cpus", "replica_gpus"):
+        if getattr(sc, key) < 0:
+            raise InputError(f"config key 'serve.{key}': must not be negative, got {getattr(sc, key)}")
     if cfg.pretrain.batch_size % cc.trainers:
         raise InputError(f"config key 'pretrain.batch_size': {cfg.pretrain.batch_size} does not split evenly "
                          f"over cluster.trainers={cc.trainers}")

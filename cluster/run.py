@@ -41,18 +41,20 @@ def actor_env(cfg: Config, gpus: float) -> dict:
     return {"env_vars": env}
 
 
-def connect(cfg: Config) -> bool:
-    """Join `cluster.address`, or start a local Ray sized for the actors; True if we started it."""
+def connect(cfg: Config, cpus: float | None = None, gpus: float | None = None) -> bool:
+    """Join `cluster.address`, or start a local Ray sized for the actors (pre-training's, unless `cpus` and
+    `gpus` say what another command needs); True if we started it."""
     cc = cfg.cluster
     if ray.is_initialized():
         return False
     if cc.address:
         ray.init(address=cc.address, log_to_driver=True)
         return False
-    cpus = cc.trainers * cc.trainer_cpus + cc.embedding_workers * cc.embed_cpus + cc.shards * cc.shard_cpus
-    gpus = cc.trainers * cc.trainer_gpus + cc.embedding_workers * cc.embed_gpus + cc.shards * cc.shard_gpus
+    if cpus is None:
+        cpus = cc.trainers * cc.trainer_cpus + cc.embedding_workers * cc.embed_cpus + cc.shards * cc.shard_cpus
+        gpus = cc.trainers * cc.trainer_gpus + cc.embedding_workers * cc.embed_gpus + cc.shards * cc.shard_gpus
     # Logical CPUs: on a small machine the actors share cores (they are not all busy at once).
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), num_gpus=math.ceil(gpus) or None,
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), num_gpus=math.ceil(gpus or 0) or None,
              include_dashboard=cc.dashboard, dashboard_host=cc.host, _node_ip_address=cc.host,
              log_to_driver=True, configure_logging=False)
     return True
