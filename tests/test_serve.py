@@ -221,7 +221,8 @@ def _get_page(port, path):
         conn.close()
 
 
-@pytest.mark.slow  # 45-86 s on 2 shared cores: Ray, Serve's controller and proxy, a replica loading torch
+# about a minute on 2 cores (Ray, Serve's controller and proxy, a replica loading torch): in the default run, so
+# CI exercises the real Serve application
 def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_path):
     """`launch.py serve` on a free loopback port: health, the web page's files, answers (concurrent ones
     batched), an explanation, every kind of bad request a 4xx JSON error naming the field (no stack trace),
