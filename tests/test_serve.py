@@ -186,27 +186,10 @@ def test_a_version_that_fails_to_load_keeps_the_old_one(run_dir):
 
 
 # ---- the real Ray Serve application over loopback HTTP ------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(port, method, path, body=None, headers=None):
-    """(status, parsed JSON body) of one request; bodies given as bytes are sent as they are."""
-    import http.client
+    from cluster.serve_client import http_json
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=headers or {})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw) if raw else None
-    finally:
-        conn.close()
+    return http_json(port, method, path, body, headers)
 
 
 def _get_page(port, path):
@@ -227,25 +210,14 @@ def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_p
     """`launch.py serve` on a free loopback port: health, the web page's files, answers (concurrent ones
     batched), an explanation, every kind of bad request a 4xx JSON error naming the field (no stack trace),
     an update-corpus served after the swap, only 127.0.0.1 listening on the port, a clean stop on SIGTERM."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import psutil
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "serve", f"run_dir={run_dir}", *LENGTHS,
-                             f"serve.port={port}", "finetune.k=3", "serve.poll_seconds=0.2"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr = []
-    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-    try:
-        line = proc.stdout.readline()  # one JSON line once the application answers
-        assert line, f"serve exited ({proc.poll()}): {''.join(stderr)[-3000:]}"
-        ready = json.loads(line)
+    from cluster.serve_client import serving
+
+    with serving([f"run_dir={run_dir}", *LENGTHS, "finetune.k=3", "serve.poll_seconds=0.2"]) as svc:
+        port, ready = svc.port, svc.ready
         assert ready["url"] == f"http://127.0.0.1:{port}/" and ready["status"] == "ok"
         listening = {c.laddr.ip for c in psutil.net_connections("inet")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
@@ -307,10 +279,7 @@ def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_p
         assert versions[-1] == summary["index_version"] and versions == sorted(versions)
         assert a["store_version"] == 1
         assert _http(port, "GET", "/v1/health")[1]["index_version"] == summary["index_version"]
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    assert rc == 0, "".join(stderr)[-3000:]
+    assert svc.rc == 0, svc.log_tail()  # a clean stop on SIGTERM
 
 
 def test_serving_reads_only_the_keys_its_table_names(trained, run_dir):
@@ -348,3 +317,69 @@ def test_serve_refuses_bad_settings_and_a_run_without_a_model_in_one_line(tmp_pa
         assert len(err) == 1 and words in err[0], err
     assert launch.main(["serve", f"run_dir={tmp_path / 'run'}"]) == 2  # before Ray starts: nothing to serve
     assert "no block store here" in capsys.readouterr().err
+
+
+# ---- the web page in a real headless browser ----------------------------------------------------------
+def _chromium() -> str:
+    """Debian's chromium (or $REALM_CHROMIUM): a missing browser fails the test, it does not skip it."""
+    import os
+
+    path = os.environ.get("REALM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("no chromium for the browser test: `apt-get install -y chromium` (.ci/run does) "
+                    "or set REALM_CHROMIUM to a Chromium binary")
+    return path
+
+
+def test_the_web_page_answers_a_question_in_a_headless_browser(trained, run_dir):
+    """The page at / in headless Chromium (Playwright, the system browser): type a question, submit, and the
+    answer, its evidence block with the answer highlighted, the top-k share bars and the index version show.
+    REALM_SCREENSHOT=docs/serve_page.png saves the page as it looks then (README, "Serving")."""
+    import os
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("no Playwright for the browser test: `pip install -e .[dev]` (.ci/run does)")
+    from cluster.serve_client import serving
+
+    chromium = _chromium()
+    question = trained["questions"][0]
+    with serving([f"run_dir={run_dir}", *LENGTHS, "finetune.k=3"]) as svc:
+        status, want = svc.post("/v1/answer", {"question": question})
+        assert status == 200 and want["evidence"] is not None
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 900, "height": 760})
+                failed = []
+                page.on("requestfailed", lambda r: failed.append(r.url))
+                page.goto(svc.url)
+                page.wait_for_function("document.getElementById('version').textContent.includes('model')")
+                assert f"index version: {want['index_version']}" in page.inner_text("#version")  # from /v1/health
+                assert page.is_hidden("#result")
+                page.fill("#question", question)
+                page.click("#submit")
+                page.wait_for_selector("#result", state="visible", timeout=60_000)
+                assert page.is_hidden("#error")
+                assert page.inner_text("#answer") == want["answer"]
+                assert page.inner_text("#answer-version") == str(want["index_version"])
+                evidence = next(b for b in want["blocks"] if b["block_id"] == want["evidence"]["block_id"])
+                s, e = want["evidence"]["char_span"]
+                assert page.text_content("#evidence") == evidence["text"]
+                assert page.inner_text("#evidence mark") == evidence["text"][s:e] == want["answer"]
+                items = page.query_selector_all("#blocks li")
+                assert [int(li.get_attribute("data-block-id")) for li in items] == \
+                    [b["block_id"] for b in want["blocks"]]
+                widths = page.eval_on_selector_all("#blocks .bar > div", "els => els.map(e => e.style.width)")
+                assert [float(w.rstrip("%")) for w in widths] == \
+                    pytest.approx([b["share"] * 100 for b in want["blocks"]], abs=1e-3)
+                marked = page.eval_on_selector_all("#blocks li mark", "ms => ms.map(m => [m.closest('li')"
+                                                   ".dataset.blockId, m.textContent])")
+                assert marked == [[str(evidence["block_id"]), want["answer"]]]  # in its block, only there
+                assert failed == []  # every asset came from the service itself
+                if os.environ.get("REALM_SCREENSHOT"):
+                    page.screenshot(path=os.environ["REALM_SCREENSHOT"], full_page=True)
+            finally:
+                browser.close()
+    assert svc.rc == 0, svc.log_tail()
