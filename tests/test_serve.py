@@ -355,7 +355,8 @@ def test_the_web_page_answers_a_question_in_a_headless_browser(trained, run_dir)
                 failed = []
                 page.on("requestfailed", lambda r: failed.append(r.url))
                 page.goto(svc.url)
-                page.wait_for_function("document.getElementById('version').textContent.includes('model')")
+                # a selector, not wait_for_function: its polling evaluates a string, which the page's CSP refuses
+                page.wait_for_selector("#version:has-text('model')", timeout=60_000)
                 assert f"index version: {want['index_version']}" in page.inner_text("#version")  # from /v1/health
                 assert page.is_hidden("#result")
                 page.fill("#question", question)
