@@ -143,9 +143,7 @@ def app_builder(args: dict):
 
 def check_servable(cfg: Config) -> None:
     """What a replica would fail on, checked in this process first so bad input is one line (exit 2)."""
-    run = Run.open(cfg) if (Path(cfg.run_dir) / "blocks").is_dir() else None
-    if run is None:
-        raise InputError(f"{cfg.run_dir}/blocks: no block store here (run `launch.py prepare` first)")
+    run = Run.open(cfg)  # no block store: BlockStore's one line, "no block store here (run prepare first)"
     check_k(cfg.finetune.k, run.store, "finetune.k")
     model_dir = resolve_qa_model_dir(run.dir, cfg.eval.model)
     if not (model_dir / "manifest.json").is_file():
