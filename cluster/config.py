@@ -50,6 +50,8 @@ class ServeConfig:
     batch_wait_s: float = 0.005    # how long a batch waits to fill: small, so one client's latency barely moves
     max_k: int = 32                # the largest k a request may ask for (and at most the live blocks)
     poll_seconds: float = 1.0      # how often a replica looks for a newly committed corpus version or model
+    unavailable_s: float = 60.0    # how long a request waits for a reader replica (one restarting after a crash
+                                   # loads the model again) before the client gets 503
 
 
 @dataclass
@@ -170,7 +172,7 @@ def check_config(cfg: Config) -> None:
                     "serve.max_k": sc.max_k, "serve.poll_seconds": sc.poll_seconds})
     if not 1 <= sc.port <= 65535:
         raise InputError(f"config key 'serve.port': must be a TCP port (1-65535), got {sc.port}")
-    for key in ("batch_wait_s", "replica_cpus", "replica_gpus"):
+    for key in ("batch_wait_s", "replica_cpus", "replica_gpus", "unavailable_s"):
         if getattr(sc, key) < 0:
             raise InputError(f"config key 'serve.{key}': must not be negative, got {getattr(sc, key)}")
     if cfg.pretrain.batch_size % cc.trainers:

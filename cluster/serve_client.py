@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(port: int, method: str, path: str, body=None, headers=None, timeout: float = 60,
+def http_json(port: int, method: str, path: str, body=None, headers=None, timeout: float = 120,
               conn: http.client.HTTPConnection | None = None) -> tuple[int, object]:
     """(status, parsed JSON body) of one request to 127.0.0.1:`port`; bodies given as bytes are sent as they
     are, anything else as JSON. `conn`: a kept-alive connection to reuse (else a new one, closed after)."""

@@ -2,7 +2,10 @@
 `query` and `explain` run, a committed corpus edit is served after one swap (each answer from one version),
 and the real Ray Serve application answers over loopback HTTP with JSON errors for bad requests."""
 import json
+import os
 import shutil
+import signal
+import time
 
 import pytest
 
@@ -97,7 +100,8 @@ def test_answers_are_querys_answers_with_their_blocks_and_version(trained, run_d
         assert a["index_version"] == system.index.version and a["store_version"] == 0 and a["model"] == "models/qa"
     assert [len(a["blocks"]) for a in got] == [3, 3, 3, 2]
     assert service.health() == {"status": "ok", "index_version": system.index.version, "store_version": 0,
-                                "model": "models/qa", "loading": False, "answered": 4, "batches": 1}
+                                "model": "models/qa", "loading": False, "answered": 4, "batches": 1,
+                                "largest_batch": 4}
 
 
 def test_explain_is_explains_output_with_its_version(trained, run_dir):
@@ -209,7 +213,8 @@ def _get_page(port, path):
 def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_path):
     """`launch.py serve` on a free loopback port: health, the web page's files, answers (concurrent ones
     batched), an explanation, every kind of bad request a 4xx JSON error naming the field (no stack trace),
-    an update-corpus served after the swap, only 127.0.0.1 listening on the port, a clean stop on SIGTERM."""
+    an update-corpus served after the swap, a killed reader replica replaced with no wrong answer, only
+    127.0.0.1 listening on the port, a clean stop on SIGTERM."""
     from concurrent.futures import ThreadPoolExecutor
 
     import psutil
@@ -279,6 +284,22 @@ def test_the_ray_serve_app_answers_and_refuses_over_http(trained, run_dir, tmp_p
         assert versions[-1] == summary["index_version"] and versions == sorted(versions)
         assert a["store_version"] == 1
         assert _http(port, "GET", "/v1/health")[1]["index_version"] == summary["index_version"]
+
+        # the reader replica killed by its PID with requests in flight: Serve starts another, the ingress
+        # retries on it; every request is answered right (or gets 503), none is answered wrong
+        want = _http(port, "POST", "/v1/answer", {"question": qs[1]})[1]["answer"]
+        pid = _http(port, "GET", "/v1/health")[1]["replica_pid"]
+        with ThreadPoolExecutor(4) as pool:
+            flying = [pool.submit(_http, port, "POST", "/v1/answer", {"question": qs[1]}) for _ in range(4)]
+            time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            after = [_http(port, "POST", "/v1/answer", {"question": qs[1]}) for _ in range(3)]
+            results = [f.result() for f in flying] + after
+        for status, body in results:
+            assert (status == 200 and body["answer"] == want) or (status == 503 and "retry" in body["error"]), body
+        assert after[-1][0] == 200
+        health = _http(port, "GET", "/v1/health")[1]
+        assert health["replica_pid"] != pid and health["index_version"] == summary["index_version"]
     assert svc.rc == 0, svc.log_tail()  # a clean stop on SIGTERM
 
 

@@ -65,7 +65,8 @@ class QAService:
         self._last_poll = time.monotonic()
         self._failed_stamp: tuple | None = None
         self.swaps = 0
-        self.answered = self.batches = 0  # what /v1/health reports: whether concurrent requests share batches
+        # what /v1/health reports: whether concurrent requests share batches
+        self.answered = self.batches = self.largest_batch = 0
         self.current = self._load()
 
     # ---- versions --------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class QAService:
                 out[i] = answer_json(served, requests[i].question, k, pred)
         self.batches += 1
         self.answered += len(requests)
+        self.largest_batch = max(self.largest_batch, len(requests))
         return out
 
     def explain(self, request: QARequest) -> dict:
@@ -171,7 +173,7 @@ class QAService:
     def health(self) -> dict:
         served = self.current
         return {"status": "ok", **version_json(served), "loading": self.loading, "answered": self.answered,
-                "batches": self.batches}
+                "batches": self.batches, "largest_batch": self.largest_batch}
 
 
 def version_json(served: ServedVersion) -> dict:

@@ -23,7 +23,10 @@ class BadRequest(InputError):
 
     def __init__(self, field: str, message: str, status: int = 400):
         super().__init__(f"field '{field}': {message}")
-        self.field, self.status = field, status
+        self.field, self.message, self.status = field, message, status
+
+    def __reduce__(self):  # crosses from the reader replica to the HTTP ingress as itself
+        return BadRequest, (self.field, self.message, self.status)
 
 
 @dataclass(frozen=True)
