@@ -155,11 +155,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--update-corpus", action="store_true", help="add --add people by update-corpus mid-load")
     p.add_argument("--add", type=int, default=20, help="people the update-corpus adds")
+    p.add_argument("--bad", type=int, default=1000, help="bad requests interleaved with good ones (0: none)")
+    p.add_argument("--kill", action="store_true", help="kill the reader replica by PID under load; time recovery")
     p.add_argument("overrides", nargs="*", help="config overrides for the service (dotted keys)")
     a = p.parse_args(argv)
     apply_common_args(a)
     if a.smoke:
-        a.clients, a.seconds, a.add = min(a.clients, 4), min(a.seconds, 3.0), min(a.add, 3)
+        a.clients, a.seconds, a.add, a.bad = min(a.clients, 4), min(a.seconds, 3.0), min(a.add, 3), min(a.bad, 27)
     elif not a.run_dir:
         p.error("--run-dir is required (a fine-tuned run), or --smoke")
     env = dict(os.environ, **OFFLINE_ENV)
@@ -181,7 +183,8 @@ def main(argv=None) -> list[dict]:
     print_table("Serving under load", rows)
     write_results("Open-QA service under load (loopback)",
                   {"run": "smoke (random tiny BERT)" if a.smoke else a.run_dir, "clients": a.clients,
-                   "seconds": a.seconds, "update_corpus": a.update_corpus, "overrides": " ".join(a.overrides) or "-"},
+                   "seconds": a.seconds, "update_corpus": a.update_corpus, "bad": a.bad, "kill": a.kill,
+                   "overrides": " ".join(a.overrides) or "-"},
                   rows, a.results, notes=notes)
     return rows
 
@@ -213,6 +216,10 @@ def run_all(a, src: Path, work: Path, questions: list[str], extra: list[str], en
                               update_corpus_during(run_dir, changes, upd_extra, env, a.seconds / 3))
                 rows.append(row(f"{mode} + update-corpus", a.clients, during, _delta(svc.get("/v1/health")[1], h2)))
                 rows[-1].update(_check_swap(svc, during, added))
+            if a.bad and mode == "batched":
+                rows.append(bad_requests(svc.port, questions, a.bad))
+            if a.kill and mode == "batched":
+                rows.append(kill_reader(svc, questions, a.clients, a.seconds))
         if svc.rc:
             raise SystemExit(f"serve exited {svc.rc}: {svc.log_tail()}")
     b, u = rows[1], rows[-1]
@@ -229,6 +236,116 @@ def run_all(a, src: Path, work: Path, questions: list[str], extra: list[str], en
     notes.append("p50/p99: per-request latency at the client (loopback HTTP, keep-alive); mean batch: requests "
                  "per batch the replica ran during that row; the last row's p50 is query's `query_seconds`")
     return rows, notes
+
+
+# the kinds of bad request the service must refuse with a 4xx naming the field: (body, field, status)
+BAD_KINDS = [(b"{not json", "body", 400), (b"\xff\xfe", "body", 400), (b"[1, 2]", "body", 400),
+             ({}, "question", 400), ({"question": ""}, "question", 400), ({"question": "  "}, "question", 400),
+             ({"question": 7}, "question", 400), ({"question": ["a"]}, "question", 400),
+             ({"question": "q", "k": "3"}, "k", 400), ({"question": "q", "k": 2.5}, "k", 400),
+             ({"question": "q", "k": 0}, "k", 400), ({"question": "q", "k": -1}, "k", 400),
+             ({"question": "q", "k": 10 ** 6}, "k", 400), ({"question": "q", "kk": 2}, "kk", 400),
+             (b"x" * 1_000_001, "body", 413)]
+
+
+def bad_requests(port: int, questions: list[str], num: int, clients: int = 8) -> dict:
+    """`num` bad requests (BAD_KINDS in turn), a good one after every second bad one, from `clients` threads at
+    once: each bad one must be its 4xx naming its field with no stack trace, each good one answered."""
+    jobs = []
+    for i in range(num):
+        jobs.append(("bad", BAD_KINDS[i % len(BAD_KINDS)]))
+        if i % 2:
+            jobs.append(("good", questions[i % len(questions)]))
+    wrong, answered, refused = [], 0, 0
+    lock = threading.Lock()
+
+    def worker(c: int) -> None:
+        nonlocal answered, refused
+        for kind, job in jobs[c::clients]:
+            try:
+                if kind == "good":
+                    status, body = http_json(port, "POST", "/v1/answer", {"question": job})
+                    ok = status == 200 and isinstance(body.get("answer"), str)
+                else:
+                    payload, field, want = job
+                    status, body = http_json(port, "POST", "/v1/answer", payload)
+                    ok = (status == want and body.get("field") == field and "Traceback" not in body.get("error", "")
+                          and f"field '{field}'" in body.get("error", ""))
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                status, body, ok = None, f"{type(e).__name__}: {e}", False
+            with lock:
+                if not ok:
+                    wrong.append(f"{kind} {str(job)[:60]}: {status} {str(body)[:200]}")
+                elif kind == "good":
+                    answered += 1
+                else:
+                    refused += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    goods = sum(kind == "good" for kind, _ in jobs)
+    if wrong:
+        raise SystemExit(f"bad requests: {len(wrong)} handled wrongly, first: {wrong[0]}")
+    return {"mode": f"{num} bad requests ({len(BAD_KINDS)} kinds) + {goods} good, interleaved", "clients": clients,
+            "seconds": wall, "requests": len(jobs), "errors": 0,
+            "bad": f"{refused}/{num} refused with a 4xx naming the field", "good": f"{answered}/{goods} answered"}
+
+
+def kill_reader(svc, questions: list[str], clients: int, seconds: float) -> dict:
+    """SIGKILL the reader replica (its PID from /v1/health) a third of the way into `clients` x `seconds` of
+    load: every response must be the answer this version gave before the kill, or a 503; recovery time is from
+    the kill to the first answer completed after it (every request waits for the replacement meanwhile)."""
+    asked = questions[:max(clients * 2, 16)]
+    before = {q: svc.post("/v1/answer", {"question": q})[1]["answer"] for q in asked}
+    pid = svc.get("/v1/health")[1]["replica_pid"]
+    events: list[tuple[float, int, bool]] = []  # (completed at, status, right answer)
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(c: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=180)
+        i = c
+        while time.monotonic() < stop_at:
+            q = asked[i % len(asked)]
+            i += clients
+            try:
+                status, body = http_json(svc.port, "POST", "/v1/answer", {"question": q}, conn=conn)
+                right = status == 200 and body["answer"] == before[q]
+            except (OSError, http.client.HTTPException, ValueError):
+                status, right = -1, False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=180)
+            with lock:
+                events.append((time.monotonic(), status, right))
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 3)
+    killed_at = time.monotonic()
+    os.kill(pid, 9)
+    for t in threads:
+        t.join()
+    after = [e for e in events if e[0] > killed_at]
+    ok = [e for e in after if e[1] == 200]
+    wrong = sum(1 for e in events if e[1] == 200 and not e[2])
+    unavailable = sum(1 for e in events if e[1] == 503)
+    other = sum(1 for e in events if e[1] not in (200, 503))
+    new_pid = svc.get("/v1/health")[1]["replica_pid"]
+    recovery = (ok[0][0] - killed_at) if ok else None
+    if wrong or other or new_pid == pid or not ok:
+        raise SystemExit(f"kill: {wrong} wrong answers, {other} other failures, replaced: {new_pid != pid}, "
+                         f"answers after the kill: {len(ok)}")
+    return {"mode": "reader replica killed (SIGKILL by PID) under load", "clients": clients,
+            "seconds": seconds, "requests": len(events), "errors": unavailable + other,
+            "kill": f"replaced (pid {pid} -> {new_pid}); recovery {recovery:.1f} s; {len(ok)} answered after "
+                    f"the kill, 0 wrong, {unavailable} 503"}
 
 
 def _delta(h: dict, base: dict) -> dict:
