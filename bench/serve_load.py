@@ -157,6 +157,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--add", type=int, default=20, help="people the update-corpus adds")
     p.add_argument("--bad", type=int, default=1000, help="bad requests interleaved with good ones (0: none)")
     p.add_argument("--kill", action="store_true", help="kill the reader replica by PID under load; time recovery")
+    p.add_argument("--batch-curve", action="store_true",
+                   help="also time the QA model in this process at batch 1..32 (no HTTP): what batching can gain here")
     p.add_argument("overrides", nargs="*", help="config overrides for the service (dotted keys)")
     a = p.parse_args(argv)
     apply_common_args(a)
@@ -178,6 +180,8 @@ def main(argv=None) -> list[dict]:
         questions = [json.loads(line)["question"] for line in open(qfile) if line.strip()]
         extra = [*extra, *(f"threads={a.threads}" for _ in [0] if a.threads), *a.overrides]
         rows, notes = run_all(a, src, work, questions, extra, env)
+        if a.batch_curve:
+            rows += batch_curve(src, work, questions, extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table("Serving under load", rows)
@@ -346,6 +350,33 @@ def kill_reader(svc, questions: list[str], clients: int, seconds: float) -> dict
             "seconds": seconds, "requests": len(events), "errors": unavailable + other,
             "kill": f"replaced (pid {pid} -> {new_pid}); recovery {recovery:.1f} s; {len(ok)} answered after "
                     f"the kill, 0 wrong, {unavailable} 503"}
+
+
+def batch_curve(src: Path, work: Path, questions: list[str], extra: list[str], seconds: float = 3.0) -> list[dict]:
+    """`QAService.answer` (what a reader replica runs per batch) in this process at batch 1, 2, ..., 32: the
+    most batching can gain on this hardware, with no HTTP, proxy or queueing in the way."""
+    from cluster.config import load_config
+    from trainer.qa_service import QAService
+    from trainer.serve_requests import QARequest
+
+    run_dir = work / "run-curve"
+    shutil.copytree(src, run_dir)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *extra], "serve")
+    service = QAService(cfg, cfg.serve.max_k)
+    rows, base = [], None
+    for size in (1, 2, 4, 8, 16, 32):
+        batch = [QARequest(q, None) for q in (questions * size)[:size]]
+        service.answer(batch)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            service.answer(batch)
+            n += 1
+        per_batch = (time.perf_counter() - t0) / n
+        base = base or size / per_batch
+        rows.append({"mode": f"in-process answer, batch {size}", "clients": 1, "requests": n * size,
+                     "req/s": size / per_batch, "p50 ms": per_batch * 1e3, "mean batch": size,
+                     "batch gain": size / per_batch / base})
+    return rows
 
 
 def _delta(h: dict, base: dict) -> dict:

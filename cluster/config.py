@@ -47,7 +47,8 @@ class ServeConfig:
     replica_cpus: float = 1
     replica_gpus: float = 0
     max_batch_size: int = 16       # concurrent questions answered as one batch
-    batch_wait_s: float = 0.005    # how long a batch waits to fill: small, so one client's latency barely moves
+    batch_wait_s: float = 0.0      # how long a lone request waits for company: a batch is what queued while the
+                                   # model was busy, so under load it fills anyway; waiting only delays batch 1
     max_k: int = 32                # the largest k a request may ask for (and at most the live blocks)
     poll_seconds: float = 1.0      # how often a replica looks for a newly committed corpus version or model
     unavailable_s: float = 60.0    # how long a request waits for a reader replica (one restarting after a crash

@@ -16,7 +16,7 @@ edge, two deployments:
 - `QAReader` (`serve.replicas` replicas, `serve.replica_cpus`/`gpus` each): a `QAService` (model + index).
   Concurrent answers meet in a `Batcher`, which takes everything queued (up to `serve.max_batch_size`)
   each time the model is free, so batches grow with the load; a lone request waits at most
-  `serve.batch_wait_s`. The model runs in a worker thread: the replica keeps accepting requests meanwhile.
+  `serve.batch_wait_s` (default 0). The model runs in a worker thread: the replica keeps accepting requests meanwhile.
 
 Errors are JSON with a 4xx status naming the field (`BadRequest`); anything unexpected is logged here with its
 stack and the client gets `{"error": "internal error"}` with 500, never a stack trace. The HTTP proxy binds

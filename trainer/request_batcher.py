@@ -8,8 +8,8 @@ Why not `ray.serve.batch`: it forms a batch as soon as `batch_wait_timeout_s` ha
 arrival and only then queues it behind the running one, so under load the model works through many small
 batches that formed while it was busy (measured on the tiny model, 32 clients: a mean batch of 1.7 with up
 to 32 requests waiting). Here the batch is what has queued by the time the model is free, so it grows with
-the load: a lone request waits at most `wait_s` after it arrived (batch-1 latency barely moves), and under
-load the model takes everything waiting at once.
+the load: a lone request waits at most `wait_s` after it arrived (0 is a good default: batch-1 latency does
+not move), and under load the model takes everything waiting at once.
 
 A caller that gives up (a client disconnect cancels its task) is skipped if its batch has not started; an
 exception from `fn` goes to every caller of that batch, and the worker goes on with the next.
