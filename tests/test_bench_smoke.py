@@ -140,21 +140,28 @@ def test_reciprocal_rank_fusion_ranks_by_summed_reciprocal_ranks():
     assert fused[1].tolist() == [1, 4, 2, -1]
 
 
-# about 2.5 min on 2 busy cores (a small run trained, two services started, ~30 s of load, an update-corpus):
+# about 3.5 min on 2 busy cores (a small run trained, two services started, ~30 s of load, an update-corpus,
+# a reader replica restarted):
 # over the default run's budget for one smoke test, so with the slow tests (REALM_SLOW_TESTS=1 in .ci/run)
 @pytest.mark.slow
 def test_serve_load_smoke(tmp_path):
-    """The real service under a few seconds of load, batched and not, with an update-corpus in the middle (the
-    script itself fails on a failed request, a version going backwards or a service left on the old version)."""
-    text = run_bench("serve_load.py", tmp_path / "R.md", "--update-corpus")
+    """The real service under a few seconds of load, batched and not, with an update-corpus in the middle, bad
+    requests interleaved with good ones and the reader replica killed (the script itself fails on a failed
+    request, a version going backwards, a service left on the old version, a bad request answered other than
+    by its 4xx, or a wrong answer around the kill)."""
+    text = run_bench("serve_load.py", tmp_path / "R.md", "--update-corpus", "--kill")
     check_section(text, "Open-QA service under load (loopback)")
     rows = table(text, "mode")
     assert [(r["mode"], r["clients"]) for r in rows] == [
-        ("batched", "1"), ("batched", "4"), ("batched + update-corpus", "4"), ("batching off", "1"),
+        ("batched", "1"), ("batched", "4"), ("batched + update-corpus", "4"),
+        ("27 bad requests (15 kinds) + 13 good, interleaved", "8"),
+        ("reader replica killed (SIGKILL by PID) under load", "4"), ("batching off", "1"),
         ("batching off", "4"), ("batched / batching off", "4"), ("launch.py query (one question)", "1")]
-    for r in rows[:5]:
+    for r in rows[:3] + rows[5:7]:
         assert int(r["requests"]) > 0 and r["errors"] == "0" and float(r["req/s"].replace(",", "")) > 0
-    assert float(rows[4]["mean batch"]) == 1.0  # batching off: one request a batch
+    assert float(rows[6]["mean batch"]) == 1.0  # batching off: one request a batch
     assert "non-decreasing: yes" in rows[2]["swap"] and rows[2]["added EM"].endswith("/12")  # 3 people, 4 facts
     assert int(rows[2]["swap"].split("; ")[1].split()[0]) > 0  # answers from the new version during the load
-    assert float(rows[6]["p50 ms"].replace(",", "")) > 0
+    assert rows[3]["bad"] == "27/27 refused with a 4xx naming the field" and rows[3]["good"] == "13/13 answered"
+    assert "replaced" in rows[4]["kill"] and ", 0 wrong" in rows[4]["kill"]
+    assert float(rows[8]["p50 ms"].replace(",", "")) > 0
