@@ -175,6 +175,9 @@ def main(argv=None) -> list[dict]:
     if "sync_refresh" in names and base.cluster.backend == "local":
         notes.append("cluster.backend=local refreshes stop-the-world in both modes: sync_refresh only differs "
                      "from reference on Ray")
+    if "no_null_doc" in names:
+        notes.append("no_null_doc: its mlm_acc_no_retrieval is the reader on x alone, which that variant never "
+                     "trains (the null document has no weight in its marginal)")
     if "frozen_retriever" in names:
         notes.append("frozen_retriever: freeze_retriever_steps = pretrain.steps, so no refresh is due (refresh_due "
                      "skips frozen steps)")
