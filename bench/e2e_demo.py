@@ -29,7 +29,38 @@ SMOKE = [*SMOKE_RUN, "pretrain.batch_size=4", "pretrain.steps=8", "refresh.every
          "finetune.batch_size=4", "data.max_eval_examples=20", "cluster.backend=local"]  # Ray: tests/test_cluster.py
 STAGES = [("prepare", []), ("ict", []), ("evaluate", ["eval.model=ict"]), ("pretrain", []),
           ("evaluate", ["eval.model=realm"]), ("finetune", []), ("evaluate", ["task=openqa"])]
-PIPELINE = ",".join(dict.fromkeys(c for c, _ in STAGES))  # one set of overrides: each stage takes the keys it reads
+
+
+def run_stages(config: str, overrides: list[str], run_dir: Path, stages=STAGES) -> list[dict]:
+    """Each stage as a `launch.py` process with one set of overrides (run_dir=... appended): a row per
+    stage with its seconds, a one-line detail and `data` (the evaluation's metrics.json, or
+    pretrain_summary.json). A failing stage stops with its stderr's tail."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    pipeline = ",".join(dict.fromkeys(c for c, _ in stages))
+    rows = []
+    for command, extra in stages:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), command, "--config", config,
+                               "--pipeline", pipeline, *overrides, f"run_dir={run_dir}", *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
+        row = {"stage": " ".join([command, *extra]), "seconds": seconds}
+        if command == "pretrain":
+            s = json.loads((run_dir / "pretrain_summary.json").read_text()) \
+                if (run_dir / "pretrain_summary.json").is_file() else {}
+            row["detail"] = (f"{s.get('steps', '?')} steps, {s.get('refreshes', '?')} refreshes, blocked "
+                             f"{s.get('refresh_blocked', 0) + s.get('staleness_wait', 0):.1f} s")
+            row["data"] = s
+        elif command == "evaluate":
+            m = json.loads((run_dir / "metrics.json").read_text())
+            keys = ("exact_match", "retrieval_recall_at_k") if "exact_match" in m else \
+                ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k")
+            row["detail"] = ", ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None)
+            row["data"] = m
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -41,33 +72,12 @@ def main(argv=None) -> list[dict]:
     a = p.parse_args(argv)
     apply_common_args(a)
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="e2e-")) / "run"
-    overrides = [*(SMOKE if a.smoke else []), *a.overrides, f"run_dir={run_dir}"]
+    overrides = [*(SMOKE if a.smoke else []), *a.overrides]
     if a.threads:
         overrides.append(f"threads={a.threads}")
-    env = dict(os.environ, **OFFLINE_ENV)
-    rows, total = [], 0.0
     try:
-        for command, extra in STAGES:
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), command, "--config", a.config,
-                                   "--pipeline", PIPELINE, *overrides, *extra], cwd=ROOT, env=env,
-                                  capture_output=True, text=True)
-            seconds = time.perf_counter() - t0
-            if proc.returncode:
-                raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
-            total += seconds
-            row = {"stage": " ".join([command, *extra]), "seconds": seconds}
-            if command == "pretrain":
-                s = json.loads((run_dir / "pretrain_summary.json").read_text()) \
-                    if (run_dir / "pretrain_summary.json").is_file() else {}
-                row["detail"] = (f"{s.get('steps', '?')} steps, {s.get('refreshes', '?')} refreshes, blocked "
-                                 f"{s.get('refresh_blocked', 0) + s.get('staleness_wait', 0):.1f} s")
-            elif command == "evaluate":
-                m = json.loads((run_dir / "metrics.json").read_text())
-                keys = ("exact_match", "retrieval_recall_at_k") if "exact_match" in m else \
-                    ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k")
-                row["detail"] = ", ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None)
-            rows.append(row)
+        rows = [{k: v for k, v in r.items() if k != "data"} for r in run_stages(a.config, overrides, run_dir)]
+        total = sum(r["seconds"] for r in rows)
         rows.append({"stage": "total", "seconds": total, "detail": f"{total / 60:.1f} min"})
     finally:
         if not a.run_dir:

@@ -126,3 +126,20 @@ def test_a_section_mapping_override_is_checked_key_by_key():
 def test_the_config_file_may_set_any_key(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}"], "evaluate")
     assert cfg.pretrain.steps > 0 and cfg.run_dir == str(tmp_path)  # tiny.yaml sets every section
+
+
+@pytest.mark.parametrize("command,key,value", [("evaluate", "pretrain.init", "raw"),
+                                               ("finetune", "pretrain.null_document", "false")])
+def test_the_ablation_knobs_are_pretrain_keys_only(command, key, value):
+    assert readers(key) == ["pretrain"]
+    with pytest.raises(InputError, match=rf"'{key}' is not read by '{command}'; it is read by: pretrain"):
+        overrides_for(command, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override,key", [("pretrain.init=bert", "pretrain.init"),
+                                          ("masking.mode=uniformly", "masking.mode"),
+                                          ("pretrain.null_document=maybe", "pretrain.null_document"),
+                                          ("pretrain.null_doc=false", "pretrain.null_doc")])
+def test_bad_ablation_values_fail_naming_their_key(tmp_path, override, key):
+    with pytest.raises(InputError, match=rf"'{key}'"):
+        load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", override], "pretrain")

@@ -186,3 +186,31 @@ def test_candidates_signal_reorders_the_retrieved_blocks_and_leaves_the_reader_g
     with torch.no_grad():  # no grad: the frozen retriever's loss is the paper's
         frozen = tiny_model(vocab.size).eval()
         assert frozen(batch, retriever_signal="candidates")["loss"] == pytest.approx(frozen(batch)["loss"].item())
+
+
+def test_without_the_null_document_the_marginal_is_over_top_k_only(small_realm_batch):
+    batch, vocab = small_realm_batch
+    model = tiny_model(vocab.size).eval()
+    with torch.no_grad():
+        model.null_score.fill_(3.0)  # a null document that would take most of p(z|x)
+        with_null = model(batch)
+        model.null_document = False
+        without = model(batch)
+    assert torch.isfinite(with_null["scores"][:, 0]).all()  # the default keeps it
+    assert torch.isinf(without["scores"][:, 0]).all()
+    assert torch.equal(with_null["scores"][:, 1:], without["scores"][:, 1:])
+    span_lp = without["span_log_probs"]
+    expected = torch.logsumexp(without["scores"][:, 1:].log_softmax(-1) + span_lp[:, 1:], -1)
+    assert torch.allclose(without["log_likelihood"], expected)
+    assert not torch.allclose(with_null["log_likelihood"], expected)
+
+
+def test_a_row_without_candidates_keeps_the_null_document(small_realm_batch):
+    batch, vocab = small_realm_batch
+    model = tiny_model(vocab.size).eval()
+    model.null_document = False
+    batch = type(batch)(**{**batch.__dict__, "cand_valid": torch.tensor([[True, True, True], [False] * 3])})
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.isinf(out["scores"][0, 0]) and torch.isfinite(out["scores"][1, 0])
+    assert torch.isfinite(out["loss"])

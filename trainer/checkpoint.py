@@ -69,6 +69,8 @@ def save_model(model: REALM | OpenQAModel, directory: str | os.PathLike, step: i
                 "vocab_size": tower.encoder.config.vocab_size, **(extra or {})}
         if isinstance(model, REALM):
             meta["reader_head"] = model.reader.head
+            if not model.null_document:  # absent = the paper's marginal, as every earlier checkpoint
+                meta["null_document"] = False
         (tmp / "realm.json").write_text(json.dumps(meta, indent=2))
         write_manifest(tmp, meta)
     return directory
@@ -90,7 +92,8 @@ def load_model(directory: str | os.PathLike) -> tuple[REALM | OpenQAModel, dict]
     q, doc, reader = (load_bert(d / c) for c in COMPONENTS)
     retriever = Retriever(q, doc, meta["retrieval_dim"], meta["pooling"])
     if meta["kind"] == "realm_model":
-        model = REALM(retriever, KnowledgeAugmentedEncoder(reader, meta.get("reader_head", "mlm")))
+        model = REALM(retriever, KnowledgeAugmentedEncoder(reader, meta.get("reader_head", "mlm")),
+                      meta.get("null_document", True))
     else:
         model = OpenQAModel(retriever, reader)
     load_heads(model, d / "heads.safetensors")

@@ -14,6 +14,7 @@ from indexer.synthetic import PHRASINGS, RELATIONS
 
 POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
 READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
+MASKING_MODES = ("salient", "random", "uniform")  # trainer.data.mask_example
 RETRIEVER_SIGNALS = ("marginal", "candidates")  # trainer.model.REALM.forward: what the towers learn from
 
 
@@ -41,7 +42,11 @@ class BlocksConfig:
 
 @dataclass
 class MaskingConfig:
-    mode: str = "salient"          # salient (spaCy NER + dates) | random (the paper's ablation)
+    # salient (spaCy NER + dates) | random: one span of 1..random_span_max wordpieces widened to whole words
+    # (the paper's "random span masks") | uniform: single wordpieces drawn independently anywhere in x, as many
+    # as the salient span would mask (1..random_span_max where x has none), the paper's "random uniform masks".
+    # In pre-training random and uniform replace a given answer too; evaluation always masks the given answer.
+    mode: str = "salient"
     ner: str = "spacy"             # spacy | regex (dates + capitalized phrases, no spaCy)
     random_span_max: int = 3       # wordpieces per random span
     min_sentence_chars: int = 20   # pre-training sentences drawn from the corpus
@@ -104,6 +109,9 @@ class PretrainConfig:
     checkpoint_every: int = 100    # training state for resume (align with refresh.every_steps)
     keep_checkpoints: int = 2
     resume: bool = False           # continue from the newest complete checkpoints/step_N
+    init: str = "ict"              # ict: the retriever starts from run_dir/models/ict (model.init when absent) |
+    #                                raw: from model.init even when an ICT model exists (the no-ICT ablation)
+    null_document: bool = True     # p(y|x) marginalizes over top-k and the null document (the paper); false: top-k only
 
 
 @dataclass
@@ -194,7 +202,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     })
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
-    check_choices({"masking.mode": (cfg.masking.mode, ("salient", "random")),
+    check_choices({"masking.mode": (cfg.masking.mode, MASKING_MODES),
+                   "pretrain.init": (cfg.pretrain.init, ("ict", "raw")),
                    "data.synthetic_relations": (cfg.data.synthetic_relations, tuple(RELATIONS)),
                    "data.synthetic_phrasing": (cfg.data.synthetic_phrasing, PHRASINGS),
                    "masking.ner": (cfg.masking.ner, ("spacy", "regex")),

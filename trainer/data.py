@@ -133,34 +133,54 @@ class MaskedQuery:
     gold_blocks: list
 
 
+def _given_span_tokens(ex: Example, offsets: list, rng: np.random.Generator) -> tuple[int, int] | None:
+    """Wordpieces [t0, t1) of the example's salient/given span (a random one of several that fit), or None."""
+    spans = ex.spans[:1] if ex.fixed_span else [ex.spans[i] for i in rng.permutation(len(ex.spans))]
+    for s, e in spans:
+        toks = [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
+        if toks and toks[-1] - toks[0] + 1 <= MAX_MASKED_TOKENS:
+            return toks[0], toks[-1] + 1
+    return None
+
+
 def mask_example(ex: Example, tok, vocab: Vocab, max_len: int, rng: np.random.Generator, mode: str,
-                 random_span_max: int = 3) -> MaskedQuery | None:
-    """Tokenize x, mask one span (a salient/given span, or a random one), fit x into max_len."""
+                 random_span_max: int = 3, mask_given: bool = True) -> MaskedQuery | None:
+    """Tokenize x, mask one span (a salient/given span, or a random one) or, `uniform`, single wordpieces;
+    fit x into max_len. `mask_given=False` (pre-training in random/uniform mode) masks the mode's own choice
+    even where the example names its answer: the synthetic statements all do, and the ablation must change
+    what is masked; evaluation keeps scoring the given answer."""
     enc = tok.encode(ex.text, add_special_tokens=False)
     ids, offsets = enc.ids, enc.offsets
     if not ids:
         return None
-    if mode == "random" and not ex.fixed_span:
-        t0, t1 = random_token_span(len(ids), enc.word_ids, random_span_max, rng)
-    else:
-        spans = ex.spans[:1] if ex.fixed_span else [ex.spans[i] for i in rng.permutation(len(ex.spans))]
-        t0 = t1 = 0
-        for s, e in spans:
-            toks = [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
-            if toks and toks[-1] - toks[0] + 1 <= MAX_MASKED_TOKENS:
-                t0, t1 = toks[0], toks[-1] + 1
-                break
-        if t1 == 0:
-            return None
+    own_choice = mode in ("random", "uniform") and not (ex.fixed_span and mask_given)
     body = max_len - 2
-    lo = 0
-    if len(ids) > body:  # keep a window of x around the span
-        lo = max(0, min(t0 - (body - (t1 - t0)) // 2, len(ids) - body))
-    window = np.array(ids[lo:lo + body], dtype=np.int64)
-    targets = window[t0 - lo:t1 - lo].copy()
-    window[t0 - lo:t1 - lo] = vocab.mask
+    if mode == "uniform" and own_choice:
+        # as many wordpieces as the salient span would mask (1..random_span_max without one), each drawn
+        # on its own anywhere in the window: the paper's "random uniform masks"
+        given = _given_span_tokens(ex, offsets, rng) if ex.spans else None
+        n = given[1] - given[0] if given else int(rng.integers(1, random_span_max + 1))
+        lo = int(rng.integers(0, len(ids) - body + 1)) if len(ids) > body else 0
+        width = min(body, len(ids) - lo)
+        pos = np.sort(rng.choice(width, size=min(n, width), replace=False))
+        window = np.array(ids[lo:lo + body], dtype=np.int64)
+    else:
+        if own_choice:
+            t0, t1 = random_token_span(len(ids), enc.word_ids, random_span_max, rng)
+        else:
+            span = _given_span_tokens(ex, offsets, rng)
+            if span is None:
+                return None
+            t0, t1 = span
+        lo = 0
+        if len(ids) > body:  # keep a window of x around the span
+            lo = max(0, min(t0 - (body - (t1 - t0)) // 2, len(ids) - body))
+        window = np.array(ids[lo:lo + body], dtype=np.int64)
+        pos = np.arange(t0 - lo, t1 - lo)
+    targets = window[pos].copy()
+    window[pos] = vocab.mask
     q = np.concatenate([[vocab.cls], window, [vocab.sep]]).astype(np.int64)
-    return MaskedQuery(q, np.arange(t0 - lo, t1 - lo) + 1, targets, list(ex.exclude_blocks), list(ex.gold_blocks))
+    return MaskedQuery(q, pos + 1, targets, list(ex.exclude_blocks), list(ex.gold_blocks))
 
 
 def reader_input(query_ids: np.ndarray, block_tokens: np.ndarray | None, max_len: int, sep: int

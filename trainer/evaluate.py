@@ -28,7 +28,7 @@ def eval_examples(cfg: TrainConfig, run: Run) -> tuple[list[D.Example], str]:
     examples/eval.parquet; with the file scored."""
     if cfg.data.eval:
         examples = D.read_text_examples(cfg.data.eval, run.store)
-        if cfg.masking.mode == "salient":
+        if cfg.masking.mode in ("salient", "uniform"):
             examples = D.attach_salient_spans(examples, cfg.masking.ner)
         return examples, cfg.data.eval
     path = run.dir / "examples" / "eval.parquet"

@@ -4,7 +4,7 @@ Salient spans (REALM §3.4): named entities from spaCy's en_core_web_sm NER plus
 regex. When spaCy or its model is not installed, `find_salient_spans` falls back to the regex
 tagger (dates + capitalized multi-word phrases) and says so once on stderr; `masking.ner=regex`
 chooses that tagger on purpose. Random spans (the paper's ablation) are chosen on wordpieces
-at batch time, see `random_token_span`.
+at batch time, see `random_token_span`; so are uniform masks (single wordpieces, `trainer.data.mask_example`).
 """
 from __future__ import annotations
 

@@ -245,10 +245,15 @@ class RealmBatch:
 
 
 class REALM(nn.Module):
-    def __init__(self, retriever: Retriever, reader: KnowledgeAugmentedEncoder):
+    """`null_document=False` (the ablation) gives the null document a score of -inf, so p(z|x) and the
+    marginal are over the top-k alone; a row with no valid candidate keeps it (else its marginal is empty).
+    Column 0 of the scores and token log-probs stays the null document either way (x read alone)."""
+
+    def __init__(self, retriever: Retriever, reader: KnowledgeAugmentedEncoder, null_document: bool = True):
         super().__init__()
         self.retriever, self.reader = retriever, reader
         self.null_score = nn.Parameter(torch.zeros(1))
+        self.null_document = null_document
 
     def relevance(self, b: RealmBatch, train_retriever: bool = True) -> torch.Tensor:
         """Scores [B, K+1] recomputed with the current encoders; column 0 is the null doc.
@@ -262,7 +267,10 @@ class REALM(nn.Module):
             d = self.retriever.embed_docs(b.cand_ids.view(B * K, Ld), b.cand_mask.view(B * K, Ld)).view(B, K, -1)
             scores = torch.einsum("bd,bkd->bk", q, d).float()
         scores = scores.masked_fill(~b.cand_valid, float("-inf"))
-        return torch.cat([self.null_score.float().expand(B, 1), scores], dim=1)
+        null = self.null_score.float().expand(B, 1)
+        if not self.null_document:
+            null = null.masked_fill(b.cand_valid.any(-1, keepdim=True), float("-inf"))
+        return torch.cat([null, scores], dim=1)
 
     def token_log_probs(self, b: RealmBatch) -> torch.Tensor:
         """[B, K+1, M, V] log p(token | z, x) at the masked positions; z = 0 is the null doc.

@@ -62,8 +62,18 @@ def new_model(run: Run) -> REALM:
 
 
 def initial_model(run: Run) -> tuple[REALM, dict]:
-    """Pre-training's start: the ICT model (its metadata: stage, doc_encoder_id), else a fresh one."""
+    """Pre-training's start: the ICT model (its metadata: stage, doc_encoder_id), else (none, or
+    `pretrain.init=raw`) a fresh one; `pretrain.null_document` set on it."""
+    model, meta = _initial_model(run)
+    model.null_document = run.cfg.pretrain.null_document
+    return model, meta
+
+
+def _initial_model(run: Run) -> tuple[REALM, dict]:
     ict_dir = run.dir / "models" / "ict"
+    if run.cfg.pretrain.init == "raw":
+        log.info("pretrain.init=raw: the retriever starts from model.init, not ICT's model")
+        return new_model(run), {"stage": run.cfg.model.init}
     if ict_dir.is_dir():
         model, meta = load_model(ict_dir)
         model.reader.use_head(run.cfg.model.reader_head)  # the reader's head is pre-training's, not ICT's

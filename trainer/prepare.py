@@ -34,7 +34,7 @@ def prepare(cfg: TrainConfig) -> dict:
     else:
         train = D.corpus_sentence_examples(store, cfg.masking.min_sentence_chars)
     eval_ex = D.read_text_examples(evalf, store) if evalf else None
-    if cfg.masking.mode == "salient":
+    if cfg.masking.mode in ("salient", "uniform"):  # uniform masks as many wordpieces as the span has
         train = D.attach_salient_spans(train, cfg.masking.ner)
         eval_ex = D.attach_salient_spans(eval_ex, cfg.masking.ner) if eval_ex is not None else None
     if eval_ex is None:

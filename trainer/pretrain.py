@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from core.errors import InputError
+from core.files import atomic_write_json
 from trainer import data as D
 from trainer.checkpoint import latest_training_state, save_model, save_training_state
 from trainer.config import TrainConfig
 from trainer.engine import Engine, TorchEngine, param_groups
-from trainer.index_client import IndexClient, StopTheWorldIndex, index_staleness, retrieve
+from trainer.index_client import IndexClient, StopTheWorldIndex, index_staleness, refresh_due, retrieve
 from trainer.metrics import MetricsLogger
 from trainer.model import REALM, marginal_token_log_probs, spans_correct
 from trainer.model_init import initial_model
@@ -71,7 +72,8 @@ def sample_queries(examples: list, run: Run, n: int, rng: np.random.Generator) -
     out = []
     while len(out) < n:
         q = D.mask_example(examples[int(rng.integers(len(examples)))], run.tok, run.vocab,
-                           run.cfg.model.query_max_len, rng, run.cfg.masking.mode, run.cfg.masking.random_span_max)
+                           run.cfg.model.query_max_len, rng, run.cfg.masking.mode, run.cfg.masking.random_span_max,
+                           mask_given=False)
         if q is not None:
             out.append(q)
     return out
@@ -111,7 +113,7 @@ def train_loop(run: Run, model: REALM, engine: Engine, make_index: Callable[[REA
     index = make_index(model, run_id, start)
     t_start = time.time()
     window = {"t": time.perf_counter(), "tokens": 0, "examples": 0}
-    totals = {"refresh_blocked": 0.0, "staleness_wait": 0.0, "max_staleness": 0}
+    totals = {"refresh_blocked": 0.0, "staleness_wait": 0.0, "max_staleness": 0, "refreshes": 0}
     for step in range(start + 1, c.steps + 1):
         totals["staleness_wait"] += index.before_step(step)
         queries = sample_queries(train, run, micro_batch, rng)
@@ -142,6 +144,7 @@ def train_loop(run: Run, model: REALM, engine: Engine, make_index: Callable[[REA
                      staleness)
             window = {"t": time.perf_counter(), "tokens": 0, "examples": 0}
         totals["refresh_blocked"] += index.after_step(model, step)
+        totals["refreshes"] += refresh_due(step, cfg.refresh.every_steps, c.steps, c.freeze_retriever_steps)
         if step % c.checkpoint_every == 0 and step < c.steps:
             save_training_state(engine, run.dir / "checkpoints", step, _client_state(step, run_id, rng), rank,
                                 c.keep_checkpoints)
@@ -190,6 +193,9 @@ def pretrain(cfg: TrainConfig) -> dict:
             metrics, init=meta.get("stage", ""))
     finally:
         metrics.close()
+    # the same file the Ray path writes (cluster/run.py), so benchmarks read one place for either backend
+    atomic_write_json(run.dir / "pretrain_summary.json", {**summary, "refresh_mode": "stop-the-world",
+                                                          "wall_seconds": summary["seconds"]})
     log.info("pretrain: %d steps in %.1f s; blocked by refresh %.1f s (%.1f%% of wall time)", summary["steps"],
              summary["seconds"], summary["refresh_blocked"], 100 * summary["stall_fraction"])
     return summary
