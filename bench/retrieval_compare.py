@@ -30,6 +30,7 @@ from cluster.config import Config, load_config  # noqa: E402
 from core.errors import InputError  # noqa: E402
 from indexer.blocks import BlockStore  # noqa: E402
 from indexer.embed import embed_blocks, pad_batch  # noqa: E402
+from indexer.lexical import LexicalIndex, reciprocal_rank_fusion  # noqa: E402
 from indexer.shards import ShardedIndex  # noqa: E402
 from indexer.versions import IndexVersions  # noqa: E402
 from trainer.bert import bert_factory  # noqa: E402
@@ -66,15 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bm25_ranking(store: BlockStore, questions: list[str], k: int) -> np.ndarray:
-    """bm25s (Lucene BM25, k1=1.5, b=0.75), English stop words, over each block's title and text."""
-    import bm25s
-
-    corpus = [f"{store.title(b)} {store.text(b)}" for b in range(len(store))]
-    bm25 = bm25s.BM25()
-    bm25.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
-    query_tokens = bm25s.tokenize(questions, stopwords="en", return_ids=False, show_progress=False)
-    ids, _ = bm25.retrieve(query_tokens, k=k, show_progress=False)
-    return np.asarray(ids, np.int64)
+    """The store's own BM25 index (indexer.lexical, what retrieval.mode=bm25 serves): block ids [Q, k]."""
+    return LexicalIndex(store.bm25_dir).search(questions, k)[1]
 
 
 def off_the_shelf(cfg: Config, vocab_size: int) -> REALM:
@@ -96,22 +90,6 @@ def doc_embeddings(run: Run, model, meta: dict) -> np.ndarray:
         return IndexVersions.load_rows(version)
     return embed_blocks(model.retriever.doc_tower, run.store, batch_size=64, device=run.device,
                         progress=sys.stderr.isatty(), pad_id=run.vocab.pad)
-
-
-def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0) -> np.ndarray:
-    """[Q, k] block ids ranked by Σ over rankings of 1 / (c + rank) (Cormack et al. 2009: c = 60), rank from 1;
-    each ranking [Q, K] block ids, -1 = none. Ranks are all it uses, so BM25's and a dense model's
-    incomparable scores need no calibration. Rows with fewer than k fused blocks are -1 padded."""
-    out = np.full((len(rankings[0]), k), -1, np.int64)
-    for q in range(len(out)):
-        score: dict[int, float] = {}
-        for ranking in rankings:
-            for r, b in enumerate(ranking[q]):
-                if b >= 0:
-                    score[int(b)] = score.get(int(b), 0.0) + 1.0 / (c + r + 1)
-        best = sorted(score, key=lambda b: (-score[b], b))[:k]
-        out[q, :len(best)] = best
-    return out
 
 
 @torch.no_grad()

@@ -75,7 +75,9 @@ _MODEL_SHAPE = ("model.init", "model.retriever_layers", "model.reader_layers", "
                 "model.num_heads", "model.intermediate_size", "model.retrieval_dim", "model.pooling",
                 "model.reader_head", "model.proj_init", "model.proj_init_blocks", "model.proj_init_scale")
 _LENGTHS = ("model.query_max_len", "model.reader_max_len")
-_QA_READING = ("eval.model", "finetune.k", "finetune.max_answer_len", "finetune.retrieval", *_LENGTHS)
+_RETRIEVAL_MODE = ("retrieval.mode", "retrieval.fusion_depth", "retrieval.rrf_k")
+_QA_READING = ("eval.model", "finetune.k", "finetune.max_answer_len", "finetune.retrieval", *_RETRIEVAL_MODE,
+               *_LENGTHS)
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ("run_dir", "seed", "data.corpus", "data.synthetic_entities", "data.synthetic_relations",
                 "data.synthetic_phrasing", "data.pretrain", "data.eval", "data.eval_fraction", "data.max_eval_examples",
@@ -85,7 +87,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     # pretrain builds a fresh model (model.*) when there is no ICT model to start from
     "pretrain": (*_COMPUTE, "seed", "model.", "masking.mode", "masking.random_span_max", "retrieval.k",
                  "pretrain.", "refresh.", "wandb.", "cluster."),
-    "finetune": (*_COMPUTE, "seed", "data.corpus", "data.qa_train", "finetune.", *_LENGTHS,
+    "finetune": (*_COMPUTE, "seed", "data.corpus", "data.qa_train", "finetune.", *_RETRIEVAL_MODE, *_LENGTHS,
                  "refresh.keep_versions", "wandb."),
     "evaluate": (*_COMPUTE, "task", "eval.", "data.eval", "data.max_eval_examples", "data.corpus", "data.qa_eval",
                  "masking.mode", "masking.ner", "masking.random_span_max", *_QA_READING),

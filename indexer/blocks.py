@@ -5,6 +5,7 @@ Layout of a block store directory (written atomically, verified by manifest.json
                    token_ids list<int32>      (blocks of one document are contiguous)
     docs.arrow     doc_id string, first_block int64, num_blocks int32
     vocab.txt      the WordPiece vocabulary the token ids refer to
+    bm25/          the live blocks' BM25 index (indexer/lexical.py: retrieval.mode bm25 | hybrid)
 The Arrow files are memory-mapped on open, so any process reads block i in O(1) without
 loading the corpus.
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from core.errors import InputError
 from core.files import atomic_dir, verify_manifest, write_manifest
 from core.records import read_records, require_str
+from indexer.lexical import BM25_DIR, build_bm25
 from indexer.tokenizer import Vocab, copy_vocab, load_tokenizer
 
 BLOCK_SCHEMA = pa.schema([
@@ -124,8 +126,10 @@ def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int,
         vocab_file = copy_vocab(vocab_spec, tmp)
         tok = load_tokenizer(vocab_file)
         cols, doc_cols = block_rows(tok, Vocab(tok), docs, max_len, max_title_len)
-        write_arrow(tmp / "blocks.arrow", pa.table(cols, schema=BLOCK_SCHEMA))
+        table = pa.table(cols, schema=BLOCK_SCHEMA)
+        write_arrow(tmp / "blocks.arrow", table)
         write_arrow(tmp / "docs.arrow", pa.table(doc_cols, schema=DOC_SCHEMA))
+        build_bm25(table, np.empty(0, np.int64), tmp / BM25_DIR)  # versioned with the blocks: inside the store
         # max_title_len is recorded so that an edit blocks its documents exactly as these were blocked
         meta = {"kind": "block_store", "num_blocks": len(cols["block_id"]), "num_docs": len(docs),
                 "max_len": max_len, "max_title_len": max_title_len, "corpus": str(corpus), **(extra or {})}
@@ -166,6 +170,7 @@ class BlockStore:
         self._doc_count = docs.column("num_blocks").to_numpy()
         self._doc_index: dict[str, int] | None = None
         self.vocab_file = self.dir / "vocab.txt"
+        self.bm25_dir = self.dir / BM25_DIR
 
     def __len__(self) -> int:
         return self.table.num_rows

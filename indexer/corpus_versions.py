@@ -31,6 +31,7 @@ from core.errors import InputError
 from core.files import atomic_dir, atomic_write_json, write_manifest
 from core.records import read_records, require_str
 from indexer.blocks import BLOCK_SCHEMA, DOC_SCHEMA, BlockStore, Document, block_rows, write_arrow
+from indexer.lexical import BM25_DIR, build_bm25
 from indexer.tokenizer import Vocab, load_tokenizer
 
 POINTER = "CORPUS"
@@ -151,7 +152,12 @@ def build_edited_store(prev: BlockStore, out_dir: Path, changes: Changes, versio
         gone = set(changes.deletes) | {d.doc_id for d in changes.upserts}
         dead = [prev.dead] + [np.arange(r.start, r.stop, dtype=np.int64)
                               for d in gone if (r := prev.doc_blocks(d))]
-        np.save(tmp / "dead.npy", np.unique(np.concatenate(dead)).astype(np.int64))
+        dead = np.unique(np.concatenate(dead)).astype(np.int64)
+        np.save(tmp / "dead.npy", dead)
+        # BM25 statistics (document frequencies, lengths) are corpus-wide, so the new version's index is
+        # built whole from its live blocks; the hard-linked segments are read memory-mapped, not copied.
+        table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(tmp / seg))).read_all() for seg in segments])
+        build_bm25(table, dead, tmp / BM25_DIR)
         kept = [e for e in prev.doc_entries() if e[0] not in gone]
         docs = {"doc_id": [d for d, _, _ in kept] + new_docs["doc_id"],
                 "first_block": [f for _, f, _ in kept] + new_docs["first_block"],

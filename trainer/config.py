@@ -16,6 +16,7 @@ POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a to
 READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
 MASKING_MODES = ("salient", "random", "uniform")  # trainer.data.mask_example
 RETRIEVER_SIGNALS = ("marginal", "candidates")  # trainer.model.REALM.forward: what the towers learn from
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")  # trainer.qa_system.QASystem.candidates
 
 
 @dataclass
@@ -75,6 +76,12 @@ class ModelConfig:
 @dataclass
 class RetrievalConfig:
     k: int = 8                     # candidates per query in pre-training (null doc added on top)
+    # Where the candidates of a question (finetune, evaluate, query, explain, serve) come from: dense (the
+    # model's index) | bm25 (the store's BM25 index) | hybrid (reciprocal rank fusion of the two). p(z|x) over
+    # the candidates is always the model's own inner products, so the reader reads whatever the mode retrieves.
+    mode: str = "dense"
+    fusion_depth: int = 100        # hybrid: how deep each ranking is read before fusing
+    rrf_k: float = 60.0            # hybrid: the constant c in 1 / (c + rank) (Cormack et al. 2009)
 
 
 @dataclass
@@ -198,8 +205,10 @@ def check_train_config(cfg: TrainConfig) -> None:
         "pretrain.checkpoint_every": cfg.pretrain.checkpoint_every,
         "model.proj_init_blocks": cfg.model.proj_init_blocks, "model.proj_init_scale": cfg.model.proj_init_scale,
         "ict.log_every": cfg.ict.log_every, "pretrain.log_every": cfg.pretrain.log_every,
-        "finetune.log_every": cfg.finetune.log_every,
+        "finetune.log_every": cfg.finetune.log_every, "retrieval.fusion_depth": cfg.retrieval.fusion_depth,
     })
+    if cfg.retrieval.rrf_k < 0:
+        raise InputError(f"config key 'retrieval.rrf_k': must not be negative, got {cfg.retrieval.rrf_k}")
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
     check_choices({"masking.mode": (cfg.masking.mode, MASKING_MODES),
@@ -214,8 +223,12 @@ def check_train_config(cfg: TrainConfig) -> None:
                    "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
                    "task": (cfg.task, ("mlm", "openqa")),
                    "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
+                   "retrieval.mode": (cfg.retrieval.mode, RETRIEVAL_MODES),
                    "device": (cfg.device, ("auto", "cpu", "cuda")),
                    "wandb.mode": (cfg.wandb.mode, ("offline", "online"))})
+    if cfg.finetune.retrieval == "random" and cfg.retrieval.mode != "dense":
+        raise InputError(f"config key 'retrieval.mode': {cfg.retrieval.mode} retrieval cannot be combined with "
+                         f"finetune.retrieval=random (k random blocks, the no-retriever baseline)")
     if not 0 <= cfg.pretrain.own_block_steps <= cfg.pretrain.freeze_retriever_steps:
         raise InputError(f"config key 'pretrain.own_block_steps': must be between 0 and "
                          f"pretrain.freeze_retriever_steps={cfg.pretrain.freeze_retriever_steps} (a retriever "

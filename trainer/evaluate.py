@@ -12,7 +12,7 @@ from core.files import atomic_write_bytes, atomic_write_json
 from trainer import data as D
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
-from trainer.index_client import index_for_model, retrieve
+from trainer.index_client import CandidateSource, index_for_model, retrieve
 from trainer.model import marginal_token_log_probs, spans_correct
 from trainer.qa import QAExample, qa_file, read_qa
 from trainer.qa_system import answer_questions, load_qa_system, resolve_qa_model_dir
@@ -45,17 +45,18 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     model, meta = load_model(model_dir)
     model.to(run.device).eval()
     index = index_for_model(run, model, meta)
-    examples, source = eval_examples(cfg, run)
+    source = CandidateSource.for_run(run, index)
+    examples, eval_file = eval_examples(cfg, run)
     examples = examples[:cfg.data.max_eval_examples]
     rng = np.random.default_rng(12345)  # the same masked span every evaluation
     queries = [q for ex in examples if (q := D.mask_example(ex, run.tok, run.vocab, cfg.model.query_max_len, rng,
                                                               cfg.masking.mode, cfg.masking.random_span_max))]
     if not queries:
-        raise InputError(f"{source}: no evaluable examples")
+        raise InputError(f"{eval_file}: no evaluable examples")
     correct = correct_null = recall_hits = recall_n = 0
     for i in range(0, len(queries), cfg.eval.batch_size):
         qs = queries[i:i + cfg.eval.batch_size]
-        _, cand = retrieve(model, index, run, qs, k)
+        cand = retrieve(model, source, run, qs, k)
         batch = D.collate_realm(qs, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
         token_lp = model.token_log_probs(batch)                              # [B, Z, M, V]
         marginal = marginal_token_log_probs(model.relevance(batch), token_lp)
@@ -67,7 +68,7 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     metrics = {"mlm_accuracy": correct / n, "mlm_accuracy_no_retrieval": correct_null / n,
                "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None,
                "k": k, "n": n, "n_with_gold": recall_n, "model": str(model_dir), "model_step": meta.get("step"),
-               "index_version": index.version, "eval_file": source}
+               "index_version": index.version, "retrieval_mode": cfg.retrieval.mode, "eval_file": eval_file}
     atomic_write_json(run.dir / "metrics.json", metrics)
     return metrics
 
@@ -86,7 +87,8 @@ def evaluate_openqa(cfg: TrainConfig) -> dict:
                if grounded else None, "n_top_share_checked": len(grounded),
                "retrieval_recall_at_k": sum(r["answer_in_top_k"] for r in records) / n, "k": k, "n": n,
                "index_version": system.index.version,
-               "model": str(resolve_qa_model_dir(system.run.dir, cfg.eval.model)), "retrieval": cfg.finetune.retrieval}
+               "model": str(resolve_qa_model_dir(system.run.dir, cfg.eval.model)), "retrieval": cfg.finetune.retrieval,
+               "retrieval_mode": cfg.retrieval.mode}
     atomic_write_bytes(system.run.dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     atomic_write_json(system.run.dir / "metrics.json", metrics)
     return metrics

@@ -22,7 +22,7 @@ from indexer.shards import ShardedIndex
 from trainer import data as D
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
-from trainer.index_client import index_for_model, retrieve
+from trainer.index_client import CandidateSource, index_for_model, retrieve
 from trainer.model import (
     REALM,
     candidate_span_log_probs,
@@ -157,7 +157,7 @@ def explain_text(model: REALM, index: ShardedIndex, run: Run, text: str, answer:
     model.eval()
     with torch.no_grad():
         if candidates is None:
-            _, candidates = retrieve(model, index, run, [query], k)
+            candidates = retrieve(model, CandidateSource.for_run(run, index), run, [query], k)
         cand = np.asarray(candidates, np.int64)
         batch = D.collate_realm([query], cand, run.store, run.vocab, run.cfg.model.reader_max_len).to(run.device)
         out = model(batch)

@@ -54,6 +54,6 @@ def finetune(cfg: TrainConfig) -> dict:
             log.info("finetune step %d/%d loss %.3f answer in top-%d %.2f", step, c.steps, loss, c.k, found_share)
     save_model(model, system.run.dir / "models" / c.name, step=c.steps,
                extra={"stage": "qa", "init": init, "doc_encoder_id": system.meta.get("doc_encoder_id", ""),
-                      "retrieval": c.retrieval})
+                      "retrieval": c.retrieval, "retrieval_mode": cfg.retrieval.mode})
     metrics.close()
     return {"steps": c.steps, "seconds": time.time() - t0, "skipped_no_answer": skipped}

@@ -16,6 +16,7 @@ import torch
 
 from indexer.blocks import BlockStore
 from indexer.embed import embed_blocks
+from indexer.lexical import LexicalIndex, reciprocal_rank_fusion
 from indexer.shards import ShardedIndex
 from indexer.versions import IndexVersion, IndexVersions
 from trainer import data as D
@@ -53,12 +54,45 @@ def refresh_due(step: int, every: int, total: int, frozen_steps: int) -> bool:
     return step % every == 0 and frozen_steps < step < total
 
 
+class CandidateSource:
+    """A question's top-k block ids by `retrieval.mode`: dense (the model's index), bm25 (the store's BM25
+    index, indexer.lexical) or hybrid (reciprocal rank fusion of both rankings, each read `fusion_depth`
+    deep). Only the candidates change with the mode: p(z|x) over them is the model's own score, so the
+    reader reads whatever the mode retrieves. Pre-training always searches the model's index."""
+
+    def __init__(self, index, store: BlockStore, mode: str = "dense", fusion_depth: int = 100, rrf_k: float = 60.0):
+        self.index, self.mode, self.fusion_depth, self.rrf_k = index, mode, fusion_depth, rrf_k
+        self.lexical = LexicalIndex(store.bm25_dir) if mode != "dense" else None
+
+    @classmethod
+    def for_run(cls, run: Run, index) -> CandidateSource:
+        r = run.cfg.retrieval
+        return cls(index, run.store, r.mode, r.fusion_depth, r.rrf_k)
+
+    def search(self, emb: np.ndarray, texts: list[str], k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+        """emb [B, dim] (the query tower's), texts [B] (the same queries as text) -> ids [B, k] int64, -1 padded;
+        ids in `exclude` [B, E] (-1 = padding) never returned."""
+        if self.mode == "dense":
+            return self.index.search(emb, k, exclude)[1]
+        if self.mode == "bm25":
+            return self.lexical.search(texts, k, exclude)[1]
+        depth = max(k, self.fusion_depth)
+        return reciprocal_rank_fusion([self.index.search(emb, depth, exclude)[1],
+                                       self.lexical.search(texts, depth, exclude)[1]], k, self.rrf_k)
+
+
 @torch.no_grad()
-def retrieve(model, index, run: Run, queries: list[D.MaskedQuery], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k candidates for masked queries from the (possibly stale) index, exclusions applied."""
+def retrieve(model, source: CandidateSource | IndexClient, run: Run, queries: list[D.MaskedQuery], k: int
+             ) -> np.ndarray:
+    """Top-k candidate ids [B, k] for masked queries, exclusions applied: from the (possibly stale) training
+    index, or from a `CandidateSource` (evaluation: retrieval.mode; the query's text is x without its mask)."""
     ids, mask = D.pad_batch([q.ids for q in queries], run.vocab.pad)
     emb = model.retriever.embed_queries(ids.to(run.device), mask.to(run.device)).float().cpu().numpy()
-    return index.search(emb, k, D.exclusion_matrix(queries))
+    exclude = D.exclusion_matrix(queries)
+    if isinstance(source, CandidateSource):
+        return source.search(emb, [run.tok.decode(q.ids.tolist(), skip_special_tokens=True) for q in queries], k,
+                             exclude)
+    return source.search(emb, k, exclude)[1]
 
 
 def refresh_index(run: Run, model, step: int, doc_encoder_id: str) -> ShardedIndex:

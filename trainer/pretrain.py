@@ -120,7 +120,7 @@ def train_loop(run: Run, model: REALM, engine: Engine, make_index: Callable[[REA
         if step <= c.own_block_steps:  # the retriever is frozen: no search, the own block alone (half the reading)
             cand = D.own_blocks(queries)
         else:
-            _, cand = retrieve(model, index, run, queries, k)
+            cand = retrieve(model, index, run, queries, k)
         staleness = index_staleness(step, index.checkpoint_step, c.freeze_retriever_steps)
         totals["max_staleness"] = max(totals["max_staleness"], staleness)
         batch = D.collate_realm(queries, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)

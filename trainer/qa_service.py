@@ -172,7 +172,8 @@ class QAService:
 
     def health(self) -> dict:
         served = self.current
-        return {"status": "ok", **version_json(served), "loading": self.loading, "answered": self.answered,
+        return {"status": "ok", **version_json(served), "retrieval_mode": served.system.source.mode,
+                "loading": self.loading, "answered": self.answered,
                 "batches": self.batches, "largest_batch": self.largest_batch}
 
 

@@ -17,7 +17,7 @@ from indexer.embed import pad_batch
 from indexer.shards import ShardedIndex
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
-from trainer.index_client import index_for_model
+from trainer.index_client import CandidateSource, index_for_model
 from trainer.model import (
     REALM,
     OpenQAModel,
@@ -44,6 +44,7 @@ class QASystem:
             model = OpenQAModel(model.retriever, model.reader.bert)
         self.model = model.to(run.device)
         self.index = index if index is not None else index_for_model(run, model, meta)
+        self.source = CandidateSource.for_run(run, self.index)  # retrieval.mode: dense | bm25 | hybrid
         self.doc_emb = torch.as_tensor(np.array(self.index.embeddings))
         self.rng = np.random.default_rng(0)
 
@@ -52,10 +53,11 @@ class QASystem:
         return [np.array([v.cls] + self.run.tok.encode(q, add_special_tokens=False).ids[:n] + [v.sep], np.int64)
                 for q in questions]
 
-    def relevance(self, q_ids: torch.Tensor, q_mask: torch.Tensor, k: int, candidates: np.ndarray | None = None
-                  ) -> tuple[torch.Tensor, np.ndarray]:
-        """Scores [B, k] against the fixed doc embeddings (grad to the query tower) and ids [B, k]; `candidates`
-        [B, k'] (-1 = none) scores those blocks instead of searching."""
+    def relevance(self, q_ids: torch.Tensor, q_mask: torch.Tensor, k: int, candidates: np.ndarray | None = None,
+                  questions: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Scores [B, k] against the fixed doc embeddings (grad to the query tower) and ids [B, k], the candidates
+        retrieval.mode picks (`questions`, the same queries as text, for bm25 and hybrid); `candidates` [B, k']
+        (-1 = none) scores those blocks instead of searching."""
         q = self.model.retriever.embed_queries(q_ids.to(self.run.device), q_mask.to(self.run.device))
         if candidates is not None:
             ids = np.asarray(candidates, np.int64)
@@ -64,7 +66,9 @@ class QASystem:
             pool = len(self.doc_emb) if live is None else live  # never a dead block
             ids = np.stack([self.rng.choice(pool, size=k, replace=False) for _ in range(len(q))])
         else:
-            _, ids = self.index.search(q.detach().float().cpu().numpy(), k)
+            if self.source.mode != "dense" and questions is None:
+                raise ValueError(f"retrieval.mode={self.source.mode} needs the questions' text")
+            ids = self.source.search(q.detach().float().cpu().numpy(), questions, k)
         d = self.doc_emb[torch.from_numpy(np.maximum(ids, 0))].to(q.device)
         scores = torch.einsum("bd,bkd->bk", q.float(), d)
         return scores.masked_fill(torch.from_numpy(ids < 0).to(q.device), float("-inf")), ids
@@ -78,7 +82,7 @@ class QASystem:
         [B, K] reads those blocks instead of the top-k (explain's leave-one-out check)."""
         q = self.encode_questions(questions)
         q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
-        scores, cand = self.relevance(q_ids, q_mask, k, candidates)
+        scores, cand = self.relevance(q_ids, q_mask, k, candidates, questions)
         ans = [self.answer_ids(a) for a in answers] if answers else [[] for _ in questions]
         batch = make_qa_batch(self.run.store, self.run.vocab, q, cand, ans, self.run.cfg.model.reader_max_len,
                               max_answer_len)
