@@ -80,7 +80,8 @@ _QA_READING = ("eval.model", "finetune.k", "finetune.max_answer_len", "finetune.
                *_LENGTHS)
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ("run_dir", "seed", "data.corpus", "data.synthetic_entities", "data.synthetic_relations",
-                "data.synthetic_phrasing", "data.pretrain", "data.eval", "data.eval_fraction", "data.max_eval_examples",
+                "data.synthetic_phrasing", "data.pretrain", "data.eval", "data.eval_fraction", "data.eval_split",
+                "data.max_eval_examples",
                 "data.max_doc_bytes",
                 "blocks.", "masking.mode", "masking.ner", "masking.min_sentence_chars"),
     "ict": (*_COMPUTE, "seed", *_MODEL_SHAPE, "ict.", "refresh.keep_versions", "wandb."),

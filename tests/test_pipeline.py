@@ -153,6 +153,40 @@ def test_corpus_sentences_exclude_their_own_block(tiny_corpus, tiny_cfg):
     model = fresh_model(cfg, run.vocab.size).eval()
     index = refresh_index(run, model, 0, "x")
     queries = sample_queries(train, run, 16, rng)
-    _, cand = retrieve(model, index, run, queries, cfg.retrieval.k)
+    cand = retrieve(model, index, run, queries, cfg.retrieval.k)
     for q, row in zip(queries, cand):
         assert q.exclude_blocks[0] not in row.tolist()
+
+
+def test_documents_held_out_whole_and_another_retriever_for_the_same_reader(tiny_cfg):
+    """data.eval_split=documents: no evaluation sentence's article is trained on; eval.retriever=ict scores the
+    pre-trained reader over ICT's candidates (its own index), and span_in_top_k follows the candidates."""
+    from trainer.data import read_examples
+
+    cfg = tiny_cfg("data.pretrain=", "data.eval=", "masking.ner=regex", "data.eval_split=documents",
+                   "data.eval_fraction=0.2", "ict.steps=2", "pretrain.steps=2", "refresh.every_steps=1")
+    prepare(cfg)
+    run = Run.open(cfg)
+    docs = {split: {run.store.doc_id(ex.exclude_blocks[0])
+                    for ex in read_examples(f"{cfg.run_dir}/examples/{split}.parquet")} for split in ("train", "eval")}
+    assert docs["eval"] and not docs["eval"] & docs["train"]
+    assert len(docs["eval"]) <= round(0.2 * len(run.store.doc_ids))
+    ict(cfg)
+    pretrain(cfg)
+    own = evaluate(tiny_cfg("eval.model=realm", "data.eval="))
+    swapped = evaluate(tiny_cfg("eval.model=realm", "data.eval=", "eval.retriever=ict"))
+    ict_only = evaluate(tiny_cfg("eval.model=ict", "data.eval="))
+    assert own["retriever"].endswith("models/realm") and swapped["retriever"].endswith("models/ict")
+    assert swapped["model"] == own["model"] and swapped["n"] == own["n"]
+    # the same candidates as the ICT model's own evaluation: the ICT retriever over the ICT index
+    assert swapped["index_version"] == ict_only["index_version"] != own["index_version"]
+    assert swapped["span_in_top_k"] == ict_only["span_in_top_k"]
+    for m in (own, swapped):
+        assert 0.0 <= m["span_in_top_k"] <= 1.0
+    with pytest.raises(InputError, match="'eval.retriever': read by task=mlm only"):
+        evaluate(tiny_cfg("task=openqa", "eval.retriever=ict"))
+
+
+def test_a_document_split_needs_no_given_eval_file(tiny_cfg):
+    with pytest.raises(InputError, match="'data.eval_split'"):
+        prepare(tiny_cfg("data.eval_split=documents"))  # tiny_cfg gives data.eval

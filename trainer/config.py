@@ -28,6 +28,9 @@ class DataConfig:
     pretrain: str = ""             # optional JSONL: text [, answer, source_id, gold_id]
     eval: str = ""                 # optional JSONL, same fields; else a held-out slice of pretrain
     eval_fraction: float = 0.1     # held-out share of pre-training examples when no eval file
+    # what is held out when no eval file is given: sentences (a random share of the examples) | documents (every
+    # sentence of a random share of the documents: evaluation on articles pre-training never read)
+    eval_split: str = "sentences"
     max_eval_examples: int = 1000
     qa_train: str = ""             # QA JSONL: question, answers | answer
     qa_eval: str = ""
@@ -149,6 +152,8 @@ class FinetuneConfig:
 @dataclass
 class EvalConfig:
     model: str = "auto"            # auto: mlm -> realm, ict; openqa/query -> qa, realm, ict | <name> | <dir>
+    retriever: str = ""            # task=mlm: another model's retriever (and its index) for eval.model's reader,
+    #                                e.g. ict: what REALM's retriever adds, the reader held fixed; "" = its own
     k: int = 8
     batch_size: int = 16
 
@@ -224,6 +229,7 @@ def check_train_config(cfg: TrainConfig) -> None:
                    "task": (cfg.task, ("mlm", "openqa")),
                    "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
                    "retrieval.mode": (cfg.retrieval.mode, RETRIEVAL_MODES),
+                   "data.eval_split": (cfg.data.eval_split, ("sentences", "documents")),
                    "device": (cfg.device, ("auto", "cpu", "cuda")),
                    "wandb.mode": (cfg.wandb.mode, ("offline", "online"))})
     if cfg.finetune.retrieval == "random" and cfg.retrieval.mode != "dense":

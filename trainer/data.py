@@ -108,6 +108,23 @@ def split_train_eval(examples: list[Example], fraction: float, max_eval: int, se
             [examples[i] for i in sorted(eval_ids)])
 
 
+def split_by_document(examples: list[Example], store: BlockStore, fraction: float, max_eval: int, seed: int
+                      ) -> tuple[list[Example], list[Example]]:
+    """A `fraction` of the documents (seeded) held out whole: none of their sentences is trained on, and up to
+    `max_eval` of them (in corpus order) are the evaluation set. An example's document is that of the block it
+    excludes (its own: a corpus sentence, or a `source_id`); examples without one always train."""
+    docs = store.doc_ids
+    held = {docs[i] for i in np.random.default_rng(seed).permutation(len(docs))[:int(round(len(docs) * fraction))]}
+    train, held_out = [], []
+    for ex in examples:
+        doc = store.doc_id(ex.exclude_blocks[0]) if ex.exclude_blocks else None
+        (held_out if doc in held else train).append(ex)
+    if examples and not held_out:
+        raise InputError(f"config key 'data.eval_fraction': {fraction} of {len(docs)} documents holds out no "
+                         f"example (data.eval_split=documents)")
+    return train, held_out[:max_eval]
+
+
 def write_examples(directory: Path, splits: dict[str, list[Example]]) -> None:
     with atomic_dir(directory) as tmp:
         for name, examples in splits.items():

@@ -3,6 +3,7 @@ match (task=openqa). Each writes run_dir/metrics.json and returns the metrics.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,8 +44,9 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     check_k(k, run.store, "eval.k")
     model_dir = resolve_model_dir(run.dir, cfg.eval.model)
     model, meta = load_model(model_dir)
+    retriever_dir, retriever_meta = swap_retriever(cfg, run, model, meta)
     model.to(run.device).eval()
-    index = index_for_model(run, model, meta)
+    index = index_for_model(run, model, retriever_meta)
     source = CandidateSource.for_run(run, index)
     examples, eval_file = eval_examples(cfg, run)
     examples = examples[:cfg.data.max_eval_examples]
@@ -53,7 +55,7 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
                                                               cfg.masking.mode, cfg.masking.random_span_max))]
     if not queries:
         raise InputError(f"{eval_file}: no evaluable examples")
-    correct = correct_null = recall_hits = recall_n = 0
+    correct = correct_null = recall_hits = recall_n = span_hits = 0
     for i in range(0, len(queries), cfg.eval.batch_size):
         qs = queries[i:i + cfg.eval.batch_size]
         cand = retrieve(model, source, run, qs, k)
@@ -62,19 +64,39 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
         marginal = marginal_token_log_probs(model.relevance(batch), token_lp)
         correct += int(spans_correct(marginal, batch.targets, batch.target_mask).sum())
         correct_null += int(spans_correct(token_lp[:, 0], batch.targets, batch.target_mask).sum())
+        span_hits += D.span_in_candidates(qs, cand, run.store) * len(qs)
         hits = D.gold_hits(qs, cand)
         recall_n, recall_hits = recall_n + len(hits), recall_hits + sum(hits)
     n = len(queries)
     metrics = {"mlm_accuracy": correct / n, "mlm_accuracy_no_retrieval": correct_null / n,
-               "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None,
+               "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None, "span_in_top_k": span_hits / n,
                "k": k, "n": n, "n_with_gold": recall_n, "model": str(model_dir), "model_step": meta.get("step"),
+               "retriever": str(retriever_dir),
                "index_version": index.version, "retrieval_mode": cfg.retrieval.mode, "eval_file": eval_file}
     atomic_write_json(run.dir / "metrics.json", metrics)
     return metrics
 
 
+def swap_retriever(cfg: TrainConfig, run: Run, model, meta: dict) -> tuple[Path, dict]:
+    """`eval.retriever` (a model name or directory): its towers replace the model's, so the same reader reads
+    what another retriever finds (the REALM reader with ICT's retriever); returns the retriever's directory
+    and the meta its index is found by. Empty: the model's own."""
+    if not cfg.eval.retriever:
+        return resolve_model_dir(run.dir, cfg.eval.model), meta
+    retriever_dir = resolve_model_dir(run.dir, cfg.eval.retriever)
+    other, other_meta = load_model(retriever_dir)
+    if other_meta["retrieval_dim"] != meta["retrieval_dim"]:
+        raise InputError(f"config key 'eval.retriever': {retriever_dir} embeds in {other_meta['retrieval_dim']} "
+                         f"dimensions, the model in {meta['retrieval_dim']}")
+    model.retriever = other.retriever
+    return retriever_dir, other_meta
+
+
 def evaluate_openqa(cfg: TrainConfig) -> dict:
     """Exact match and answer-in-top-k on data.qa_eval; also writes run_dir/predictions.jsonl."""
+    if cfg.eval.retriever:
+        raise InputError("config key 'eval.retriever': read by task=mlm only (a QA model answers with its own "
+                         "query tower over the index of its doc encoder)")
     examples: list[QAExample] = read_qa(qa_file(cfg, "qa_eval"))[:cfg.data.max_eval_examples]
     system = load_qa_system(cfg, cfg.eval.model)
     k = cfg.finetune.k

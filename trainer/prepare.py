@@ -25,6 +25,10 @@ def prepare(cfg: TrainConfig) -> dict:
         paths = write_synthetic(run_dir / "data", cfg.data.synthetic_entities, cfg.seed,
                                 cfg.data.synthetic_relations, cfg.data.synthetic_phrasing)
         corpus, pretrain, evalf = str(paths["corpus"]), str(paths["pretrain"]), str(paths["eval"])
+    if evalf and cfg.data.eval_split != "sentences":
+        raise InputError(f"config key 'data.eval_split': {cfg.data.eval_split} splits the pre-training examples, "
+                         f"but the evaluation set is given ({'data.eval' if cfg.data.eval else 'the synthetic eval'}"
+                         f" file {evalf})")
     meta = build_block_store(corpus, run_dir / "blocks", cfg.blocks.tokenizer, cfg.blocks.max_len,
                              cfg.blocks.max_title_len, cfg.data.max_doc_bytes)
     reset_pointer(run_dir)  # a new blocks/: an earlier update-corpus or reindex no longer applies
@@ -37,7 +41,9 @@ def prepare(cfg: TrainConfig) -> dict:
     if cfg.masking.mode in ("salient", "uniform"):  # uniform masks as many wordpieces as the span has
         train = D.attach_salient_spans(train, cfg.masking.ner)
         eval_ex = D.attach_salient_spans(eval_ex, cfg.masking.ner) if eval_ex is not None else None
-    if eval_ex is None:
+    if eval_ex is None and cfg.data.eval_split == "documents":
+        train, eval_ex = D.split_by_document(train, store, cfg.data.eval_fraction, cfg.data.max_eval_examples, cfg.seed)
+    elif eval_ex is None:
         train, eval_ex = D.split_train_eval(train, cfg.data.eval_fraction, cfg.data.max_eval_examples, cfg.seed)
     if not train:
         raise InputError(f"{pretrain or corpus}: no pre-training examples (no maskable spans found)")
