@@ -52,19 +52,39 @@ def optional_str(obj: dict, key: str, where: str) -> str | None:
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Rows of a JSONL or Parquet file as (location, dict); location is 'file:line' or 'file:row N'."""
+    """Rows of a JSONL file, a Parquet file or a directory of Parquet files (read in name order) as
+    (location, dict); location is 'file:line' or 'file:row N'. Streams: Parquet is read a record batch at a
+    time, JSONL a line at a time, so no file is ever held whole."""
     p = Path(path)
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        if not p.is_file():
-            raise InputError(f"{p}: file not found")
-        try:
-            table = pq.read_table(p)
-        except Exception as e:  # pyarrow raises several types for damaged files
-            raise InputError(f"{p}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{p}:row {i}", row
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and not f.name.startswith("."))
+        if not files:
+            raise InputError(f"{p}: a directory with no .parquet files")
+        for f in files:
+            yield from _parquet_rows(f)
+    elif p.suffix == ".parquet":
+        yield from _parquet_rows(p)
     else:
         for lineno, obj in read_jsonl(p):
             yield f"{p}:{lineno}", obj
+
+
+PARQUET_BATCH_ROWS = 4096
+
+
+def _parquet_rows(p: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    try:
+        batches = pq.ParquetFile(p).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{p}:row {i}", row
+                i += 1
+    except InputError:
+        raise
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise InputError(f"{p}: not a readable Parquet file: {str(e).splitlines()[0]}") from None

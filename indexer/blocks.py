@@ -17,6 +17,7 @@ never reused. A store without these entries (every store `prepare` writes) is on
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ BLOCK_SCHEMA = pa.schema([
     ("text", pa.string()), ("token_ids", pa.list_(pa.int32())),
 ])
 DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("first_block", pa.int64()), ("num_blocks", pa.int32())])
+ARROW_BATCH_ROWS = 1 << 16  # rows per record batch in every store file, however the rows arrived
+DOC_CHUNK = 1024            # documents blocked at a time while building
 
 
 @dataclass
@@ -44,9 +47,10 @@ class Document:
     text: str
 
 
-def read_corpus(path: str | os.PathLike, max_doc_bytes: int) -> list[Document]:
-    """Validated documents; any defect is an InputError naming file:line."""
-    docs, seen = [], {}
+def iter_corpus(path: str | os.PathLike, max_doc_bytes: int) -> Iterator[Document]:
+    """Validated documents, one at a time (the corpus is never held whole); any defect is an InputError naming
+    file:line. Duplicate ids are found with a set of the ids seen, a few dozen bytes a document."""
+    seen: dict[str, str] = {}
     for where, row in read_records(path):
         raw_id = row.get("id")
         if isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -61,10 +65,14 @@ def read_corpus(path: str | os.PathLike, max_doc_bytes: int) -> list[Document]:
         if doc_id in seen:
             raise InputError(f"{where}: duplicate id '{doc_id}' (first at {seen[doc_id]})")
         seen[doc_id] = where
-        docs.append(Document(doc_id, title.strip(), text.strip()))
-    if not docs:
+        yield Document(doc_id, title.strip(), text.strip())
+    if not seen:
         raise InputError(f"{path}: empty corpus (no documents)")
-    return docs
+
+
+def read_corpus(path: str | os.PathLike, max_doc_bytes: int) -> list[Document]:
+    """`iter_corpus` as a list: for corpora known to be small (tests, edits)."""
+    return list(iter_corpus(path, max_doc_bytes))
 
 
 def split_document(tok, vocab: Vocab, doc: Document, max_len: int, max_title_len: int
@@ -98,13 +106,13 @@ def split_document(tok, vocab: Vocab, doc: Document, max_len: int, max_title_len
     return pieces
 
 
-def block_rows(tok, vocab: Vocab, docs: list[Document], max_len: int, max_title_len: int, first_id: int = 0
+def block_rows(tok, vocab: Vocab, docs: Iterable[Document], max_len: int, max_title_len: int, first_id: int = 0
                ) -> tuple[dict, dict]:
     """Block and doc columns (BLOCK_SCHEMA, DOC_SCHEMA) of `docs`, block ids counted from `first_id`: the one
-    blocking of a corpus (prepare) and of the changed documents of an edit (update-corpus)."""
+    blocking of a corpus (prepare, a chunk at a time) and of the changed documents of an edit (update-corpus)."""
     cols = {k: [] for k in BLOCK_SCHEMA.names}
     doc_cols = {k: [] for k in DOC_SCHEMA.names}
-    for doc in tqdm(docs, desc="blocks", unit="doc", mininterval=2):
+    for doc in docs:
         pieces = split_document(tok, vocab, doc, max_len, max_title_len)
         doc_cols["doc_id"].append(doc.doc_id)
         doc_cols["first_block"].append(first_id + len(cols["block_id"]))
@@ -118,28 +126,81 @@ def block_rows(tok, vocab: Vocab, docs: list[Document], max_len: int, max_title_
     return cols, doc_cols
 
 
+class ArrowRowWriter:
+    """Rows appended in chunks of any size, written as record batches of exactly `batch_rows` rows (the last may
+    be shorter), each built afresh from the rows' values: the file's bytes depend only on its rows, never on
+    how they were chunked on the way."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
+        self.schema, self.batch_rows = schema, batch_rows
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_file(self.sink, schema)
+        self.pending: dict[str, list] = {k: [] for k in schema.names}
+        self.rows = 0
+
+    def append(self, cols: dict) -> None:
+        for k in self.schema.names:
+            self.pending[k].extend(cols[k])
+        self.rows += len(cols[self.schema.names[0]])
+        while len(self.pending[self.schema.names[0]]) >= self.batch_rows:
+            self._flush(self.batch_rows)
+
+    def _flush(self, n: int) -> None:
+        self.writer.write_table(pa.table({k: v[:n] for k, v in self.pending.items()}, schema=self.schema),
+                                max_chunksize=n)
+        for v in self.pending.values():
+            del v[:n]
+
+    def close(self) -> None:
+        if self.pending[self.schema.names[0]]:
+            self._flush(len(self.pending[self.schema.names[0]]))
+        self.writer.close()
+        self.sink.close()
+
+
 def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int, max_title_len: int,
                       max_doc_bytes: int, extra: dict | None = None) -> dict:
-    """corpus file -> block store at out_dir (atomic). Deterministic: same input, same bytes."""
-    docs = read_corpus(corpus, max_doc_bytes)
+    """corpus file -> block store at out_dir (atomic). Streams: documents are read, blocked and written a chunk
+    at a time, so memory does not grow with the corpus (only the set of ids seen, for duplicates, and the BM25
+    index, which is built from the written file). Deterministic: same input, same bytes."""
     with atomic_dir(out_dir) as tmp:
         vocab_file = copy_vocab(vocab_spec, tmp)
         tok = load_tokenizer(vocab_file)
-        cols, doc_cols = block_rows(tok, Vocab(tok), docs, max_len, max_title_len)
-        table = pa.table(cols, schema=BLOCK_SCHEMA)
-        write_arrow(tmp / "blocks.arrow", table)
-        write_arrow(tmp / "docs.arrow", pa.table(doc_cols, schema=DOC_SCHEMA))
+        vocab = Vocab(tok)
+        blocks = ArrowRowWriter(tmp / "blocks.arrow", BLOCK_SCHEMA, ARROW_BATCH_ROWS)
+        docs = ArrowRowWriter(tmp / "docs.arrow", DOC_SCHEMA, ARROW_BATCH_ROWS)
+        try:
+            for chunk in _chunks(tqdm(iter_corpus(corpus, max_doc_bytes), desc="blocks", unit="doc", mininterval=2),
+                                 DOC_CHUNK):
+                cols, doc_cols = block_rows(tok, vocab, chunk, max_len, max_title_len, first_id=blocks.rows)
+                blocks.append(cols)
+                docs.append(doc_cols)
+        finally:
+            blocks.close()
+            docs.close()
+        table = pa.ipc.open_file(pa.memory_map(str(tmp / "blocks.arrow"))).read_all()
         build_bm25(table, np.empty(0, np.int64), tmp / BM25_DIR)  # versioned with the blocks: inside the store
         # max_title_len is recorded so that an edit blocks its documents exactly as these were blocked
-        meta = {"kind": "block_store", "num_blocks": len(cols["block_id"]), "num_docs": len(docs),
+        meta = {"kind": "block_store", "num_blocks": blocks.rows, "num_docs": docs.rows,
                 "max_len": max_len, "max_title_len": max_title_len, "corpus": str(corpus), **(extra or {})}
         write_manifest(tmp, meta)
     return meta
 
 
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def write_arrow(path: Path, table: pa.Table) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1 << 16)
+        writer.write_table(table, max_chunksize=ARROW_BATCH_ROWS)
 
 
 class BlockStore:
@@ -162,12 +223,13 @@ class BlockStore:
         dead_file = self.dir / "dead.npy"
         # ids of blocks of replaced or deleted documents: never searched, never shown
         self.dead = np.load(dead_file) if dead_file.is_file() else np.empty(0, np.int64)
-        tokens = self.table.column("token_ids").combine_chunks()
-        self._offsets = tokens.offsets.to_numpy()
-        self._values = tokens.values.to_numpy()
-        self._doc_ids = docs.column("doc_id").to_pylist()
-        self._doc_first = docs.column("first_block").to_numpy()
-        self._doc_count = docs.column("num_blocks").to_numpy()
+        # Per record batch, zero-copy views of the token lists' offsets and values: opening a store reads nothing
+        # of it, and a block's tokens are paged in when it is read (no copy of the corpus's tokens per process).
+        chunks = self.table.column("token_ids").chunks
+        self._chunk_start = np.cumsum([0] + [len(c) for c in chunks])
+        self._chunks = [(c.offsets.to_numpy(), c.values.to_numpy()) for c in chunks]
+        self._docs = docs  # memory-mapped too: doc ids become Python strings only when a lookup asks for them
+        self._doc_table: tuple[list[str], np.ndarray, np.ndarray] | None = None
         self._doc_index: dict[str, int] | None = None
         self.vocab_file = self.dir / "vocab.txt"
         self.bm25_dir = self.dir / BM25_DIR
@@ -177,7 +239,12 @@ class BlockStore:
 
     def tokens(self, block_id: int) -> np.ndarray:
         """int32 token ids of one block, `[CLS] title [SEP] text [SEP]` (a zero-copy view)."""
-        return self._values[self._offsets[block_id]:self._offsets[block_id + 1]]
+        if not 0 <= block_id < len(self):
+            raise IndexError(f"block {block_id} of {len(self)}")
+        c = int(np.searchsorted(self._chunk_start, block_id, side="right")) - 1
+        offsets, values = self._chunks[c]
+        i = block_id - int(self._chunk_start[c])
+        return values[offsets[i]:offsets[i + 1]]
 
     def text(self, block_id: int) -> str:
         return self.table.column("text")[block_id].as_py()
@@ -192,20 +259,33 @@ class BlockStore:
     def num_live(self) -> int:
         return len(self) - len(self.dead)
 
+    def _doc_columns(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """docs.arrow's columns, read on the first lookup (prepare's examples, edits), not on open."""
+        if self._doc_table is None:
+            d = self._docs
+            self._doc_table = (d.column("doc_id").to_pylist(), d.column("first_block").to_numpy(),
+                               d.column("num_blocks").to_numpy())
+        return self._doc_table
+
+    @property
+    def num_docs(self) -> int:
+        return self._docs.num_rows
+
     @property
     def doc_ids(self) -> list[str]:
         """The live documents' ids, in store order."""
-        return list(self._doc_ids)
+        return list(self._doc_columns()[0])
 
     def doc_entries(self) -> list[tuple[str, int, int]]:
         """(doc_id, first_block, num_blocks) of each live document, in store order (docs.arrow)."""
-        return [(d, int(f), int(n)) for d, f, n in zip(self._doc_ids, self._doc_first, self._doc_count)]
+        return [(d, int(f), int(n)) for d, f, n in zip(*self._doc_columns())]
 
     def doc_blocks(self, doc_id: str) -> range:
         """Block ids of a document (an empty range if the id is unknown)."""
+        ids, first, count = self._doc_columns()
         if self._doc_index is None:
-            self._doc_index = {d: i for i, d in enumerate(self._doc_ids)}
+            self._doc_index = {d: i for i, d in enumerate(ids)}
         i = self._doc_index.get(doc_id)
         if i is None:
             return range(0)
-        return range(int(self._doc_first[i]), int(self._doc_first[i] + self._doc_count[i]))
+        return range(int(first[i]), int(first[i] + count[i]))

@@ -99,3 +99,52 @@ def test_embeddings_come_back_in_block_order_whatever_the_length_batching(tmp_pa
     np.testing.assert_allclose(embed_blocks(tower, store, 3, 9, batch_size=4, progress=False), alone[3:9], atol=1e-5)
     ids = np.array([7, 0, 11, 4])
     np.testing.assert_allclose(encode_blocks(tower, store, ids, batch_size=3), alone[ids], atol=1e-5)
+
+
+def test_the_store_streams_in_record_batches_and_its_bytes_do_not_depend_on_the_chunking(tmp_path, monkeypatch):
+    """Documents are blocked a chunk at a time and written in record batches of a fixed row count: a block's
+    tokens read back the same across batch boundaries, and the chunk size never changes a byte."""
+    import indexer.blocks as B
+
+    rows = [{"id": f"d{i}", "title": f"T{i}", "text": "Alpha beta gamma delta. " * (i % 7 * 9 + 1)} for i in range(40)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    build_block_store(str(corpus), tmp_path / "one", "minilm", 32, 8, 10**7)  # one batch (65,536 rows)
+    monkeypatch.setattr(B, "ARROW_BATCH_ROWS", 7)
+    digests = []
+    for chunk in (3, 1000):
+        monkeypatch.setattr(B, "DOC_CHUNK", chunk)
+        build_block_store(str(corpus), tmp_path / f"chunk{chunk}", "minilm", 32, 8, 10**7)
+        digests.append([hashlib.sha256((tmp_path / f"chunk{chunk}" / f).read_bytes()).hexdigest()
+                        for f in ("blocks.arrow", "docs.arrow")])
+    assert digests[0] == digests[1]
+    one, many = BlockStore(tmp_path / "one"), BlockStore(tmp_path / "chunk3", verify=True)
+    assert len(many.table.column("token_ids").chunks) == -(-len(many) // 7) > 1
+    assert len(one) == len(many) > 40
+    for b in range(len(one)):
+        np.testing.assert_array_equal(one.tokens(b), many.tokens(b))
+        assert one.text(b) == many.text(b) and one.doc_id(b) == many.doc_id(b)
+    assert [list(many.doc_blocks(f"d{i}")) for i in range(40)] == [list(one.doc_blocks(f"d{i}")) for i in range(40)]
+    with pytest.raises(IndexError):
+        many.tokens(len(many))
+
+
+def test_a_directory_of_parquet_files_is_one_corpus_read_in_name_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"d{i}", "title": f"T{i}", "text": f"Document number {i} is here."} for i in range(9)]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for n, lo in enumerate((0, 4, 7)):
+        pq.write_table(pa.Table.from_pylist(rows[lo:lo + (4 if lo == 0 else 3)]), parts / f"part-{n:03d}.parquet")
+    build_block_store(str(parts), tmp_path / "from_dir", "minilm", 64, 8, 10**7)
+    build_block_store(str(write_jsonl(tmp_path / "c.jsonl", rows)), tmp_path / "from_jsonl", "minilm", 64, 8, 10**7)
+    for f in ("blocks.arrow", "docs.arrow"):
+        assert (tmp_path / "from_dir" / f).read_bytes() == (tmp_path / "from_jsonl" / f).read_bytes()
+    pq.write_table(pa.Table.from_pylist([{"id": "d0", "title": "again", "text": "dup"}]), parts / "part-999.parquet")
+    with pytest.raises(InputError, match=r"part-999.parquet:row 0: duplicate id .d0. \(first at .*part-000"):
+        build_block_store(str(parts), tmp_path / "dup", "minilm", 64, 8, 10**7)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no .parquet files"):
+        build_block_store(str(empty), tmp_path / "none", "minilm", 64, 8, 10**7)
