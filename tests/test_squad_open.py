@@ -15,8 +15,8 @@ from tests.test_bench_smoke import table
 
 DATA = ROOT.parent / "shared" / "data" / "squad_open"
 ARTICLES = {"squad-dev-01": 30, "squad-dev-10": 25}  # Warsaw (training questions), Geology (dev questions)
-ROWS = ["BM25 (bm25s)", "random off the shelf", "models/ict", "models/realm", "models/qa", "BM25 + models/qa (RRF)",
-        "models/qa_ict", "BM25 + models/qa_ict (RRF)"]
+ROWS = ["BM25 (bm25s)", "random off the shelf", "models/ict", "models/realm", "models/qa", "models/qa hybrid",
+        "models/qa_ict", "models/qa_ict hybrid"]
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared data) is not here")
 
@@ -56,12 +56,15 @@ def test_recipe_runs_end_to_end_and_writes_the_comparison(tmp_path, capsys):
     assert text.index("## Retrieval comparison, squad_open") < text.index("## An earlier comparison")
     for key in ("- commit:", "- cpu:", "- config: config=", "- command: `python -m bench.retrieval_compare"):
         assert key in text
-    rows = {r["retriever"]: r for r in table(text, "retriever")}
+    written = table(text, "retriever")
+    assert {r["questions"] for r in written} == {"qa_dev"}  # data.qa_eval, named by its file
+    rows = {r["retriever"]: r for r in written}
     assert list(rows) == ROWS
     for name, row in rows.items():
         recall = [float(row[f"recall@{k}"]) for k in (1, 5, 20)]
         assert 0 <= recall[0] <= recall[1] <= recall[2] <= 1, name
-        assert 0 <= float(row["answer recall@5"]) <= 1, name
+        answer_recall = [float(row[f"answer recall@{k}"]) for k in (1, 5, 20, 100)]
+        assert 0 <= answer_recall[0] <= answer_recall[1] <= answer_recall[2] <= answer_recall[3] <= 1, name
         assert (row["EM (top 2)"] != "") == name.startswith("models/qa"), name
         if row["EM (top 2)"]:
             assert 0 <= float(row["EM (top 2)"]) <= 1

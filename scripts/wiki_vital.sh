@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Real Wikipedia end to end (configs/wiki_vital.yaml): prepare -> ICT -> fine-tuning from ICT alone -> REALM
+# pre-training -> fine-tuning from REALM -> masked spans on held-out articles (REALM's, ICT's, BM25 and hybrid
+# candidates for one reader) -> the retrieval comparison on NQ-open dev and WebQuestions test (BM25, MiniLM off
+# the shelf, our models, hybrid), both tables into docs/RESULTS.md. Each stage prints its wall time.
+#
+#   bash scripts/wiki_vital.sh [dotted.key=value ...]     each step takes the overrides it reads (a key no step
+#                                                         reads is refused)
+#   RESULTS=path.md PLOT=path.png bash scripts/wiki_vital.sh   the tables and the plot elsewhere
+#   DATA=dir bash scripts/wiki_vital.sh                   the question files' directory (default: the shared data)
+#
+# The ICT-start fine-tuning runs before pre-training so that it reads the index ICT just published.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${CONFIG:-configs/wiki_vital.yaml}
+PY=${PYTHON:-.venv/bin/python}
+DATA=${DATA:-../shared/data/wiki_vital}
+
+stage() {  # stage NAME COMMAND...: runs it and prints its wall time
+  local name=$1 t0=$SECONDS
+  shift
+  echo "== $name ==" >&2
+  "$@"
+  echo "== $name: $((SECONDS - t0)) s (total $SECONDS s) ==" >&2
+}
+
+launch() { "$PY" launch.py --config "$CONFIG" --pipeline prepare,ict,finetune,pretrain,evaluate "$@"; }
+
+stage prepare launch prepare "$@"
+stage ict launch ict "$@"
+stage "finetune from ICT" launch finetune finetune.init=ict finetune.name=qa_ict "$@"
+stage pretrain launch pretrain "$@"
+stage "finetune from REALM" launch finetune finetune.init=realm finetune.name=qa "$@"
+stage "held-out masked spans" "$PY" -m bench.heldout_spans --config "$CONFIG" ${RESULTS:+--results "$RESULTS"} \
+  --pipeline prepare,ict,finetune,pretrain,evaluate "$@"
+stage compare "$PY" -m bench.retrieval_compare --config "$CONFIG" ${RESULTS:+--results "$RESULTS"} \
+  ${PLOT:+--plot "$PLOT"} --questions "nq_dev=$DATA/nq_dev.jsonl" \
+  --questions "webquestions_test=$DATA/webquestions_test.jsonl" "$@"
