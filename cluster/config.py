@@ -83,7 +83,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
                 "data.synthetic_phrasing", "data.pretrain", "data.eval", "data.eval_fraction", "data.eval_split",
                 "data.max_eval_examples",
                 "data.max_doc_bytes",
-                "blocks.", "masking.mode", "masking.ner", "masking.min_sentence_chars"),
+                "blocks.", "masking.mode", "masking.ner", "masking.min_sentence_chars", "prepare."),
     "ict": (*_COMPUTE, "seed", *_MODEL_SHAPE, "ict.", "refresh.keep_versions", "wandb."),
     # pretrain builds a fresh model (model.*) when there is no ICT model to start from
     "pretrain": (*_COMPUTE, "seed", "model.", "masking.mode", "masking.random_span_max", "retrieval.k",

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from core.errors import InputError
 from core.files import atomic_dir, verify_manifest, write_manifest
+from core.parallel import ordered_map
 from core.records import read_records, require_str
 from indexer.lexical import BM25_DIR, build_bm25
 from indexer.tokenizer import Vocab, copy_vocab, load_tokenizer
@@ -158,21 +159,38 @@ class ArrowRowWriter:
         self.sink.close()
 
 
+_BLOCKER: dict = {}  # a blocking worker's tokenizer and lengths (set by _init_blocker in each process)
+
+
+def _init_blocker(vocab_file: str, max_len: int, max_title_len: int) -> None:
+    tok = load_tokenizer(vocab_file)
+    _BLOCKER.update(tok=tok, vocab=Vocab(tok), max_len=max_len, max_title_len=max_title_len)
+
+
+def _block_chunk(docs: list[Document]) -> tuple[dict, dict]:
+    """One chunk's block and doc columns, ids counted from 0 (the writer, in order, gives the real ones)."""
+    w = _BLOCKER
+    return block_rows(w["tok"], w["vocab"], docs, w["max_len"], w["max_title_len"])
+
+
 def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int, max_title_len: int,
-                      max_doc_bytes: int, extra: dict | None = None) -> dict:
-    """corpus file -> block store at out_dir (atomic). Streams: documents are read, blocked and written a chunk
-    at a time, so memory does not grow with the corpus (only the set of ids seen, for duplicates, and the BM25
-    index, which is built from the written file). Deterministic: same input, same bytes."""
+                      max_doc_bytes: int, extra: dict | None = None, workers: int = 1) -> dict:
+    """corpus file -> block store at out_dir (atomic). Streams: documents are read, blocked (in `workers`
+    processes) and written a chunk at a time, in order, so memory does not grow with the corpus (only the set
+    of ids seen, for duplicates, and the BM25 index, which is built from the written file). Deterministic:
+    same input, same bytes, whatever the number of workers."""
     with atomic_dir(out_dir) as tmp:
         vocab_file = copy_vocab(vocab_spec, tmp)
-        tok = load_tokenizer(vocab_file)
-        vocab = Vocab(tok)
         blocks = ArrowRowWriter(tmp / "blocks.arrow", BLOCK_SCHEMA, ARROW_BATCH_ROWS)
         docs = ArrowRowWriter(tmp / "docs.arrow", DOC_SCHEMA, ARROW_BATCH_ROWS)
+        chunks = _chunks(tqdm(iter_corpus(corpus, max_doc_bytes), desc="blocks", unit="doc", mininterval=2),
+                         DOC_CHUNK)
         try:
-            for chunk in _chunks(tqdm(iter_corpus(corpus, max_doc_bytes), desc="blocks", unit="doc", mininterval=2),
-                                 DOC_CHUNK):
-                cols, doc_cols = block_rows(tok, vocab, chunk, max_len, max_title_len, first_id=blocks.rows)
+            for cols, doc_cols in ordered_map(_block_chunk, chunks, workers, _init_blocker,
+                                              (str(vocab_file), max_len, max_title_len)):
+                first = blocks.rows
+                cols["block_id"] = [first + b for b in cols["block_id"]]
+                doc_cols["first_block"] = [first + b for b in doc_cols["first_block"]]
                 blocks.append(cols)
                 docs.append(doc_cols)
         finally:

@@ -190,3 +190,28 @@ def test_documents_held_out_whole_and_another_retriever_for_the_same_reader(tiny
 def test_a_document_split_needs_no_given_eval_file(tiny_cfg):
     with pytest.raises(InputError, match="'data.eval_split'"):
         prepare(tiny_cfg("data.eval_split=documents"))  # tiny_cfg gives data.eval
+
+
+def test_prepare_with_two_workers_writes_the_same_bytes(tmp_path, tiny_corpus, monkeypatch):
+    """prepare.workers processes block the corpus and tag its sentences (spaCy) chunk by chunk, in order: the
+    block store and the examples are byte for byte those of one process (small chunks, so both workers work)."""
+    import hashlib
+
+    import indexer.blocks as B
+    import trainer.masking as M
+    from cluster.config import load_config
+    from tests.conftest import ROOT
+
+    monkeypatch.setattr(B, "DOC_CHUNK", 7)
+    monkeypatch.setattr(M, "NER_CHUNK", 16)  # chunks are cut in this process; the workers only tag them
+    digests = {}
+    for workers in (1, 2):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+            f"run_dir={tmp_path / str(workers)}", f"data.corpus={tiny_corpus['corpus']}", "data.pretrain=",
+            "data.eval=", "masking.ner=spacy", f"prepare.workers={workers}"])
+        summary = prepare(cfg)
+        digests[workers] = {f: hashlib.sha256((tmp_path / str(workers) / f).read_bytes()).hexdigest()
+                            for f in ("blocks/blocks.arrow", "blocks/docs.arrow", "examples/train.parquet",
+                                      "examples/eval.parquet")}
+        assert summary["train_examples"] > 50
+    assert digests[1] == digests[2]

@@ -38,6 +38,13 @@ class DataConfig:
 
 
 @dataclass
+class PrepareConfig:
+    # processes that block the corpus and tag salient spans (spaCy) in `prepare`; the output is the same bytes
+    # whatever the number (chunks are processed and written in order)
+    workers: int = 1
+
+
+@dataclass
 class BlocksConfig:
     max_len: int = 288             # wordpieces per block, [CLS] title [SEP] text [SEP] included
     max_title_len: int = 32
@@ -177,6 +184,7 @@ class TrainConfig:
     answer: str = ""               # ... and the substring of it that is masked
     changes: str = ""              # for `launch.py update-corpus`: JSONL/Parquet of documents to add, replace, delete
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -211,6 +219,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         "model.proj_init_blocks": cfg.model.proj_init_blocks, "model.proj_init_scale": cfg.model.proj_init_scale,
         "ict.log_every": cfg.ict.log_every, "pretrain.log_every": cfg.pretrain.log_every,
         "finetune.log_every": cfg.finetune.log_every, "retrieval.fusion_depth": cfg.retrieval.fusion_depth,
+        "prepare.workers": cfg.prepare.workers,
     })
     if cfg.retrieval.rrf_k < 0:
         raise InputError(f"config key 'retrieval.rrf_k': must not be negative, got {cfg.retrieval.rrf_k}")

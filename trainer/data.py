@@ -91,10 +91,10 @@ def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]
     return out
 
 
-def attach_salient_spans(examples: list[Example], ner: str) -> list[Example]:
-    """Fill `spans` with entity/date spans; drop examples that have none (salient mode)."""
+def attach_salient_spans(examples: list[Example], ner: str, workers: int = 1) -> list[Example]:
+    """Fill `spans` with entity/date spans (tagged in `workers` processes); drop examples that have none."""
     todo = [ex for ex in examples if not ex.fixed_span]
-    for ex, spans in zip(todo, find_salient_spans([ex.text for ex in todo], ner)):
+    for ex, spans in zip(todo, find_salient_spans([ex.text for ex in todo], ner, workers)):
         ex.spans = [list(s) for s in spans]
     return [ex for ex in examples if ex.spans]
 

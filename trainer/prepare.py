@@ -29,8 +29,9 @@ def prepare(cfg: TrainConfig) -> dict:
         raise InputError(f"config key 'data.eval_split': {cfg.data.eval_split} splits the pre-training examples, "
                          f"but the evaluation set is given ({'data.eval' if cfg.data.eval else 'the synthetic eval'}"
                          f" file {evalf})")
+    workers = cfg.prepare.workers
     meta = build_block_store(corpus, run_dir / "blocks", cfg.blocks.tokenizer, cfg.blocks.max_len,
-                             cfg.blocks.max_title_len, cfg.data.max_doc_bytes)
+                             cfg.blocks.max_title_len, cfg.data.max_doc_bytes, workers=workers)
     reset_pointer(run_dir)  # a new blocks/: an earlier update-corpus or reindex no longer applies
     store = BlockStore(run_dir / "blocks")
     if pretrain:
@@ -39,8 +40,8 @@ def prepare(cfg: TrainConfig) -> dict:
         train = D.corpus_sentence_examples(store, cfg.masking.min_sentence_chars)
     eval_ex = D.read_text_examples(evalf, store) if evalf else None
     if cfg.masking.mode in ("salient", "uniform"):  # uniform masks as many wordpieces as the span has
-        train = D.attach_salient_spans(train, cfg.masking.ner)
-        eval_ex = D.attach_salient_spans(eval_ex, cfg.masking.ner) if eval_ex is not None else None
+        train = D.attach_salient_spans(train, cfg.masking.ner, workers)
+        eval_ex = D.attach_salient_spans(eval_ex, cfg.masking.ner, workers) if eval_ex is not None else None
     if eval_ex is None and cfg.data.eval_split == "documents":
         train, eval_ex = D.split_by_document(train, store, cfg.data.eval_fraction, cfg.data.max_eval_examples, cfg.seed)
     elif eval_ex is None:
