@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from indexer.approx import ApproxShard, IndexSpec
+
 try:  # CPU shards need faiss; the CUDA images we run on have none, and search with indexer.torch_search
     import faiss
 except ImportError:  # pragma: no cover - depends on the install
@@ -70,11 +72,15 @@ def shard_bounds(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def make_shard(embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None):
+def make_shard(embeddings: np.ndarray, offset: int = 0, use_gpu: bool | None = None, spec: IndexSpec | None = None):
     """A flat shard on the best device here: faiss on GPU when faiss has a GPU build, else torch on
     CUDA (indexer.torch_search: the CUDA images we run on ship no faiss-gpu), else faiss on CPU.
-    `use_gpu`: None = when one is present, False = CPU faiss, True = a GPU or an error."""
+    `use_gpu`: None = when one is present, False = CPU faiss, True = a GPU or an error. An approximate
+    `spec` (indexer.approx: ivf, hnsw, ivfpq) builds that faiss index instead, on the CPU."""
     import torch
+
+    if spec is not None and spec.kind != "flat":
+        return ApproxShard(embeddings, offset, spec)
 
     if use_gpu is not False and gpu_available():
         return FlatShard(embeddings, offset, use_gpu=True)
@@ -131,9 +137,10 @@ class LiveRowsShard:
     """A shard over some rows only (an edited corpus's live blocks): local row i answers as `ids[i]`.
     Dead rows are not in the shard at all, so top-k over it is exact, with no over-fetching."""
 
-    def __init__(self, embeddings: np.ndarray, ids: np.ndarray, use_gpu: bool | None = None):
+    def __init__(self, embeddings: np.ndarray, ids: np.ndarray, use_gpu: bool | None = None,
+                 spec: IndexSpec | None = None):
         self.ids = np.asarray(ids, np.int64)
-        self.shard = make_shard(embeddings[self.ids], 0, use_gpu)
+        self.shard = make_shard(embeddings[self.ids], 0, use_gpu, spec)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, local = self.shard.search(queries, k)
@@ -141,23 +148,31 @@ class LiveRowsShard:
 
 
 class ShardedIndex:
-    """Several flat shards answering as one flat index (the single-process shard service). `dead`: block ids
-    never to return (an edited corpus's replaced and deleted blocks); their rows stay in `embeddings`, so ids
-    remain row numbers."""
+    """Several shards answering as one index (the single-process shard service): flat, exact, unless `spec`
+    asks for an approximate kind (indexer.approx; inference only). `dead`: block ids never to return (an
+    edited corpus's replaced and deleted blocks); their rows stay in `embeddings`, so ids remain row numbers."""
 
     def __init__(self, embeddings: np.ndarray, num_shards: int = 1, version: int = 0, checkpoint_step: int = 0,
-                 use_gpu: bool | None = None, dead: np.ndarray | None = None):
+                 use_gpu: bool | None = None, dead: np.ndarray | None = None, spec: IndexSpec | None = None):
         if dead is None or not len(dead):  # every unedited run: the shards exactly as before
-            self.shards = [make_shard(embeddings[a:b], a, use_gpu)
+            self.shards = [make_shard(embeddings[a:b], a, use_gpu, spec)
                            for a, b in shard_bounds(len(embeddings), num_shards)]
             self.live = None
         else:
             self.live = np.setdiff1d(np.arange(len(embeddings), dtype=np.int64), dead)
-            self.shards = [LiveRowsShard(embeddings, self.live[a:b], use_gpu)
+            self.shards = [LiveRowsShard(embeddings, self.live[a:b], use_gpu, spec)
                            for a, b in shard_bounds(len(self.live), num_shards)]
         self.rows = len(embeddings)
         self.embeddings = embeddings  # [rows, dim] float32, kept for re-scoring with a frozen doc tower
         self.version, self.checkpoint_step = version, checkpoint_step
+        self.dead, self.use_gpu, self.spec = dead, use_gpu, spec or IndexSpec()
+
+    def with_spec(self, spec: IndexSpec) -> ShardedIndex:
+        """The same rows, version and dead blocks in another kind of index (itself if that kind is this one)."""
+        if spec == self.spec:
+            return self
+        return ShardedIndex(self.embeddings, len(self.shards), self.version, self.checkpoint_step, self.use_gpu,
+                            self.dead, spec)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return merge_topk([s.search(queries, k) for s in self.shards], k)

@@ -74,6 +74,16 @@ def test_topk_smoke_recall_and_prepend(tmp_path):
     assert text.index("## Exact top-8 search") < text.index("## older section") and text.rstrip().endswith("kept")
 
 
+def test_ann_smoke_against_flat(tmp_path):
+    text = run_bench("ann.py", tmp_path / "R.md")
+    check_section(text, "Approximate indexes (index.kind) against flat")
+    rows = {(r["kind"], r["nprobe / ef"]): r for r in table(text, "rows")}
+    assert set(k for k, _ in rows) == {"flat", "ivf", "hnsw", "ivfpq"}
+    recall = {key: float(r["recall@10 vs flat"]) for key, r in rows.items()}
+    assert recall[("flat", "")] == 1.0 and recall[("ivf", "8")] <= recall[("ivf", "32")] <= 1.0
+    assert float(rows[("ivfpq", "32")]["bytes/row"]) < float(rows[("flat", "")]["bytes/row"])
+
+
 def test_flop_count_matches_hand_derivation():
     sys.path.insert(0, str(ROOT))
     import torch

@@ -16,7 +16,8 @@ POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a to
 READER_HEADS = ("mlm", "copy")  # trainer.model.KnowledgeAugmentedEncoder: vocabulary, or mixed with a pointer into z
 MASKING_MODES = ("salient", "random", "uniform")  # trainer.data.mask_example
 RETRIEVER_SIGNALS = ("marginal", "candidates")  # trainer.model.REALM.forward: what the towers learn from
-RETRIEVAL_MODES = ("dense", "bm25", "hybrid")  # trainer.qa_system.QASystem.candidates
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")  # trainer.index_client.CandidateSource
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")  # indexer.approx.IndexSpec
 
 
 @dataclass
@@ -92,6 +93,19 @@ class RetrievalConfig:
     mode: str = "dense"
     fusion_depth: int = 100        # hybrid: how deep each ranking is read before fusing
     rrf_k: float = 60.0            # hybrid: the constant c in 1 / (c + rank) (Cormack et al. 2009)
+
+
+@dataclass
+class IndexConfig:
+    # The index a question searches in fine-tuning, evaluation, query, explain and serving (indexer/approx.py):
+    # flat (exact) | ivf | hnsw | ivfpq. Pre-training always searches exactly: its retriever learns from what
+    # comes back. The approximate kinds are built when a model's index is loaded.
+    kind: str = "flat"
+    nlist: int = 0                 # ivf, ivfpq: k-means cells (0: 4 sqrt(blocks))
+    nprobe: int = 16               # ivf, ivfpq: cells scanned a query
+    hnsw_m: int = 32               # hnsw: neighbours a node
+    ef_search: int = 64            # hnsw: candidates kept while searching
+    pq_m: int = 16                 # ivfpq: bytes a block (must divide model.retrieval_dim)
 
 
 @dataclass
@@ -189,6 +203,7 @@ class TrainConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     ict: ICTConfig = field(default_factory=ICTConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
@@ -219,7 +234,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         "model.proj_init_blocks": cfg.model.proj_init_blocks, "model.proj_init_scale": cfg.model.proj_init_scale,
         "ict.log_every": cfg.ict.log_every, "pretrain.log_every": cfg.pretrain.log_every,
         "finetune.log_every": cfg.finetune.log_every, "retrieval.fusion_depth": cfg.retrieval.fusion_depth,
-        "prepare.workers": cfg.prepare.workers,
+        "prepare.workers": cfg.prepare.workers, "index.nprobe": cfg.index.nprobe, "index.hnsw_m": cfg.index.hnsw_m,
+        "index.ef_search": cfg.index.ef_search, "index.pq_m": cfg.index.pq_m,
     })
     if cfg.retrieval.rrf_k < 0:
         raise InputError(f"config key 'retrieval.rrf_k': must not be negative, got {cfg.retrieval.rrf_k}")
@@ -238,9 +254,15 @@ def check_train_config(cfg: TrainConfig) -> None:
                    "task": (cfg.task, ("mlm", "openqa")),
                    "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
                    "retrieval.mode": (cfg.retrieval.mode, RETRIEVAL_MODES),
+                   "index.kind": (cfg.index.kind, INDEX_KINDS),
                    "data.eval_split": (cfg.data.eval_split, ("sentences", "documents")),
                    "device": (cfg.device, ("auto", "cpu", "cuda")),
                    "wandb.mode": (cfg.wandb.mode, ("offline", "online"))})
+    if cfg.index.nlist < 0:
+        raise InputError(f"config key 'index.nlist': must not be negative (0 = automatic), got {cfg.index.nlist}")
+    if cfg.index.kind == "ivfpq" and cfg.model.retrieval_dim % cfg.index.pq_m:
+        raise InputError(f"config key 'index.pq_m': {cfg.index.pq_m} does not divide model.retrieval_dim="
+                         f"{cfg.model.retrieval_dim}")
     if cfg.finetune.retrieval == "random" and cfg.retrieval.mode != "dense":
         raise InputError(f"config key 'retrieval.mode': {cfg.retrieval.mode} retrieval cannot be combined with "
                          f"finetune.retrieval=random (k random blocks, the no-retriever baseline)")

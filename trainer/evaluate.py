@@ -13,7 +13,7 @@ from core.files import atomic_write_bytes, atomic_write_json
 from trainer import data as D
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
-from trainer.index_client import CandidateSource, index_for_model, retrieve
+from trainer.index_client import CandidateSource, index_for_model, index_spec, retrieve
 from trainer.model import marginal_token_log_probs, spans_correct
 from trainer.qa import QAExample, qa_file, read_qa
 from trainer.qa_system import answer_questions, load_qa_system, resolve_qa_model_dir
@@ -46,7 +46,7 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     model, meta = load_model(model_dir)
     retriever_dir, retriever_meta = swap_retriever(cfg, run, model, meta)
     model.to(run.device).eval()
-    index = index_for_model(run, model, retriever_meta)
+    index = index_for_model(run, model, retriever_meta, index_spec(cfg))
     source = CandidateSource.for_run(run, index)
     examples, eval_file = eval_examples(cfg, run)
     examples = examples[:cfg.data.max_eval_examples]
@@ -72,7 +72,8 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
                "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None, "span_in_top_k": span_hits / n,
                "k": k, "n": n, "n_with_gold": recall_n, "model": str(model_dir), "model_step": meta.get("step"),
                "retriever": str(retriever_dir),
-               "index_version": index.version, "retrieval_mode": cfg.retrieval.mode, "eval_file": eval_file}
+               "index_version": index.version, "index_kind": cfg.index.kind, "retrieval_mode": cfg.retrieval.mode,
+               "eval_file": eval_file}
     atomic_write_json(run.dir / "metrics.json", metrics)
     return metrics
 
@@ -110,7 +111,7 @@ def evaluate_openqa(cfg: TrainConfig) -> dict:
                "retrieval_recall_at_k": sum(r["answer_in_top_k"] for r in records) / n, "k": k, "n": n,
                "index_version": system.index.version,
                "model": str(resolve_qa_model_dir(system.run.dir, cfg.eval.model)), "retrieval": cfg.finetune.retrieval,
-               "retrieval_mode": cfg.retrieval.mode}
+               "retrieval_mode": cfg.retrieval.mode, "index_kind": cfg.index.kind}
     atomic_write_bytes(system.run.dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     atomic_write_json(system.run.dir / "metrics.json", metrics)
     return metrics

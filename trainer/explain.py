@@ -22,7 +22,7 @@ from indexer.shards import ShardedIndex
 from trainer import data as D
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
-from trainer.index_client import CandidateSource, index_for_model, retrieve
+from trainer.index_client import CandidateSource, index_for_model, index_spec, retrieve
 from trainer.model import (
     REALM,
     candidate_span_log_probs,
@@ -61,7 +61,7 @@ def explain(cfg: TrainConfig) -> dict:
         raise InputError(f"config key 'eval.model': {model_dir} is a QA model; text=... needs a pre-trained one "
                          f"(realm or ict), question=... asks the QA model")
     model.to(run.device)
-    return {**explain_text(model, index_for_model(run, model, meta), run, text, answer, cfg.eval.k),
+    return {**explain_text(model, index_for_model(run, model, meta, index_spec(cfg)), run, text, answer, cfg.eval.k),
             "model": str(model_dir)}
 
 

@@ -7,6 +7,7 @@ schedule both follow. Evaluation and fine-tuning read a stored version (`index_f
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Protocol
@@ -14,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from indexer.approx import IndexSpec
 from indexer.blocks import BlockStore
 from indexer.embed import embed_blocks
 from indexer.lexical import LexicalIndex, reciprocal_rank_fusion
@@ -131,10 +133,17 @@ def stored_index(run: Run, *doc_encoder_ids: str) -> ShardedIndex | None:
     return None
 
 
-def index_for_model(run: Run, model, meta: dict) -> ShardedIndex:
-    """The stored index this model's doc encoder built, else a fresh one (published)."""
+def index_for_model(run: Run, model, meta: dict, spec: IndexSpec | None = None) -> ShardedIndex:
+    """The stored index this model's doc encoder built, else a fresh one (published); searched as `spec` says
+    (an approximate kind is built over the rows here; default exact)."""
     doc_encoder_id = meta.get("doc_encoder_id", "")
-    return stored_index(run, doc_encoder_id) or refresh_index(run, model, meta.get("step", 0), doc_encoder_id)
+    index = stored_index(run, doc_encoder_id) or refresh_index(run, model, meta.get("step", 0), doc_encoder_id)
+    return index if spec is None else index.with_spec(spec)
+
+
+def index_spec(cfg) -> IndexSpec:
+    """`index.*`: how inference (fine-tuning, evaluation, query, explain, serving) searches; never pre-training."""
+    return IndexSpec(**dataclasses.asdict(cfg.index))
 
 
 class StopTheWorldIndex:

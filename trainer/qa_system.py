@@ -17,7 +17,7 @@ from indexer.embed import pad_batch
 from indexer.shards import ShardedIndex
 from trainer.checkpoint import load_model
 from trainer.config import TrainConfig
-from trainer.index_client import CandidateSource, index_for_model
+from trainer.index_client import CandidateSource, index_for_model, index_spec
 from trainer.model import (
     REALM,
     OpenQAModel,
@@ -43,7 +43,7 @@ class QASystem:
         if isinstance(model, REALM):  # fine-tuning starts here: the span reader reads with the KAE's BERT
             model = OpenQAModel(model.retriever, model.reader.bert)
         self.model = model.to(run.device)
-        self.index = index if index is not None else index_for_model(run, model, meta)
+        self.index = index if index is not None else index_for_model(run, model, meta, index_spec(run.cfg))
         self.source = CandidateSource.for_run(run, self.index)  # retrieval.mode: dense | bm25 | hybrid
         self.doc_emb = torch.as_tensor(np.array(self.index.embeddings))
         self.rng = np.random.default_rng(0)
