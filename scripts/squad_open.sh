@@ -15,13 +15,7 @@ cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/squad_open.yaml}
 PY=${PYTHON:-.venv/bin/python}
 
-stage() {  # stage NAME COMMAND...: runs it and prints its wall time
-  local name=$1 t0=$SECONDS
-  shift
-  echo "== $name ==" >&2
-  "$@"
-  echo "== $name: $((SECONDS - t0)) s (total $SECONDS s) ==" >&2
-}
+source scripts/stage.sh  # stage NAME COMMAND...: runs it and prints its wall time
 
 launch() { "$PY" launch.py --config "$CONFIG" --pipeline prepare,ict,finetune,pretrain,evaluate "$@"; }  # compare evaluates
 

@@ -16,13 +16,7 @@ CONFIG=${CONFIG:-configs/wiki_vital.yaml}
 PY=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-../shared/data/wiki_vital}
 
-stage() {  # stage NAME COMMAND...: runs it and prints its wall time
-  local name=$1 t0=$SECONDS
-  shift
-  echo "== $name ==" >&2
-  "$@"
-  echo "== $name: $((SECONDS - t0)) s (total $SECONDS s) ==" >&2
-}
+source scripts/stage.sh  # stage NAME COMMAND...: runs it and prints its wall time
 
 launch() { "$PY" launch.py --config "$CONFIG" --pipeline prepare,ict,finetune,pretrain,evaluate "$@"; }
 
