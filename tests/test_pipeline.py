@@ -215,3 +215,25 @@ def test_prepare_with_two_workers_writes_the_same_bytes(tmp_path, tiny_corpus, m
                                       "examples/eval.parquet")}
         assert summary["train_examples"] > 50
     assert digests[1] == digests[2]
+
+
+def test_examples_are_drawn_from_a_memory_mapped_copy_equal_to_the_parquet_file(tiny_cfg):
+    """The trainer's ExampleTable gives example i as read_examples's list does, from a memory-mapped Arrow copy
+    written once beside the Parquet file and rewritten when that file changes."""
+    import os
+
+    from trainer.data import ExampleTable, read_examples, write_examples
+
+    cfg = tiny_cfg()
+    prepare(cfg)
+    path = f"{cfg.run_dir}/examples/train.parquet"
+    listed, table = read_examples(path), ExampleTable(path)
+    assert len(table) == len(listed) > 0
+    assert [table[i] for i in range(len(table))] == listed and table[-1] == listed[-1]
+    arrow = f"{cfg.run_dir}/examples/train.arrow"
+    mtime = os.stat(arrow).st_mtime_ns
+    assert ExampleTable(path).table.num_rows == len(listed) and os.stat(arrow).st_mtime_ns == mtime  # reused
+    write_examples(Run.open(cfg).dir / "examples", {"train": listed[:3], "eval": listed[3:5]})
+    assert [ExampleTable(path)[i] for i in range(3)] == listed[:3] and len(ExampleTable(path)) == 3
+    with pytest.raises(IndexError):
+        table[len(table)]

@@ -7,6 +7,7 @@ evidence (for recall). `prepare` writes them to run_dir/examples/{train,eval}.pa
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from core.errors import InputError
-from core.files import atomic_dir
+from core.files import atomic_dir, atomic_file
 from core.records import optional_str, read_jsonl, require_str
 from indexer.blocks import BlockStore
 from indexer.embed import pad_batch
@@ -137,6 +138,45 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
     if not p.is_file():
         raise InputError(f"{p}: not found (run `launch.py prepare` first)")
     return [Example(**row) for row in pq.read_table(p).to_pylist()]
+
+
+class ExampleTable(Sequence):
+    """The examples of a Parquet file by index, without loading them: a memory-mapped Arrow IPC copy beside it
+    (`train.arrow`, written once, a row group at a time, and rewritten when the Parquet file changes), so the
+    trainer draws any example in O(1) and holds only the pages it touched, however many examples there are.
+    Draws are `examples[i]` as from `read_examples`'s list: the same seed, the same examples."""
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: not found (run `launch.py prepare` first)")
+        cache = p.with_suffix(".arrow")
+        stamp = f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()
+        table = _open_arrow(cache)
+        if table is None or (table.schema.metadata or {}).get(b"source") != stamp:
+            with atomic_file(cache) as tmp:
+                source = pq.ParquetFile(p)
+                schema = source.schema_arrow.with_metadata({b"source": stamp})
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                    for i in range(source.num_row_groups):
+                        writer.write_table(source.read_row_group(i).replace_schema_metadata(schema.metadata))
+            table = _open_arrow(cache)
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> Example:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        return Example(**self.table.slice(i % len(self), 1).to_pylist()[0])
+
+
+def _open_arrow(path: Path) -> pa.Table | None:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
 
 
 # ---- masking a sentence into a query -------------------------------------------------------------

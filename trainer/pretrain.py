@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def gold_in_topk(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | None
     return float(np.mean(hits)) if hits else None
 
 
-def sample_queries(examples: list, run: Run, n: int, rng: np.random.Generator) -> list[D.MaskedQuery]:
+def sample_queries(examples: Sequence[D.Example], run: Run, n: int, rng: np.random.Generator) -> list[D.MaskedQuery]:
     out = []
     while len(out) < n:
         q = D.mask_example(examples[int(rng.integers(len(examples)))], run.tok, run.vocab,
@@ -98,7 +98,7 @@ def train_loop(run: Run, model: REALM, engine: Engine, make_index: Callable[[REA
     start_step)` builds the index client once the start step is known. Returns a summary."""
     cfg, c, k = run.cfg, run.cfg.pretrain, run.cfg.retrieval.k
     micro_batch = c.batch_size // world
-    train = D.read_examples(run.dir / "examples" / "train.parquet")
+    train = D.ExampleTable(run.dir / "examples" / "train.parquet")  # memory-mapped: any number of examples
     state = restore(engine, cfg, run)
     rng = np.random.default_rng(cfg.seed + 1 + 1000 * rank)
     if state is None:
