@@ -136,20 +136,6 @@ def test_e2e_demo_smoke(tmp_path):
                       "evaluate task=openqa", "total"]
 
 
-def test_reciprocal_rank_fusion_ranks_by_summed_reciprocal_ranks():
-    import numpy as np
-
-    from bench.retrieval_compare import reciprocal_rank_fusion
-
-    a = np.array([[7, 3, 5], [1, 2, -1]])
-    b = np.array([[3, 9, 7], [4, -1, -1]])
-    fused = reciprocal_rank_fusion([a, b], 4)
-    # query 0: 3 is 2nd + 1st, 7 is 1st + 3rd (1/62 + 1/61 > 1/61 + 1/63), then 9 (2nd once) before 5 (3rd once)
-    assert fused[0].tolist() == [3, 7, 9, 5]
-    # query 1: 1 and 4 tie at 1/61 (ties by block id), then 2; one slot left empty
-    assert fused[1].tolist() == [1, 4, 2, -1]
-
-
 # about 3.5 min on 2 busy cores (a small run trained, two services started, ~30 s of load, an update-corpus,
 # a reader replica restarted):
 # over the default run's budget for one smoke test, so with the slow tests (REALM_SLOW_TESTS=1 in .ci/run)
