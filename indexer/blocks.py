@@ -16,7 +16,9 @@ never reused. A store without these entries (every store `prepare` writes) is on
 """
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +181,14 @@ def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int,
     processes) and written a chunk at a time, in order, so memory does not grow with the corpus (only the set
     of ids seen, for duplicates, and the BM25 index, which is built from the written file). Deterministic:
     same input, same bytes, whatever the number of workers."""
+    docs_in = iter_corpus(corpus, max_doc_bytes)
+    head = next(docs_in)  # a missing or bad file fails here, before anything is written or drawn
     with atomic_dir(out_dir) as tmp:
         vocab_file = copy_vocab(vocab_spec, tmp)
         blocks = ArrowRowWriter(tmp / "blocks.arrow", BLOCK_SCHEMA, ARROW_BATCH_ROWS)
         docs = ArrowRowWriter(tmp / "docs.arrow", DOC_SCHEMA, ARROW_BATCH_ROWS)
-        chunks = _chunks(tqdm(iter_corpus(corpus, max_doc_bytes), desc="blocks", unit="doc", mininterval=2),
-                         DOC_CHUNK)
+        chunks = _chunks(tqdm(itertools.chain([head], docs_in), desc="blocks", unit="doc", mininterval=2,
+                              disable=not sys.stderr.isatty()), DOC_CHUNK)
         try:
             for cols, doc_cols in ordered_map(_block_chunk, chunks, workers, _init_blocker,
                                               (str(vocab_file), max_len, max_title_len)):
