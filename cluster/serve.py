@@ -2,8 +2,8 @@
 
     POST /v1/answer   {"question": str, "k": int (optional)} -> answer, probability, evidence, blocks, versions
     POST /v1/explain  the same request -> `launch.py explain`'s explanation (shares, leave-one-out)
-    GET  /v1/health   -> {"status", "index_version", "store_version", "model", "loading", "answered", "batches",
-                          "largest_batch", "replica_pid", "retried"}
+    GET  /v1/health   -> {"status", "index_version", "store_version", "model", "retrieval_mode", "loading",
+                          "answered", "batches", "largest_batch", "replica_pid", "retried"}
     GET  /            the web page (cluster/static/: a question box, the answer in its evidence, share bars)
 
 Everything a request means lives in plain Python (trainer/serve_requests.py checks it, trainer/qa_service.py

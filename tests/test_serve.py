@@ -100,8 +100,8 @@ def test_answers_are_querys_answers_with_their_blocks_and_version(trained, run_d
         assert a["index_version"] == system.index.version and a["store_version"] == 0 and a["model"] == "models/qa"
     assert [len(a["blocks"]) for a in got] == [3, 3, 3, 2]
     assert service.health() == {"status": "ok", "index_version": system.index.version, "store_version": 0,
-                                "model": "models/qa", "loading": False, "answered": 4, "batches": 1,
-                                "largest_batch": 4}
+                                "model": "models/qa", "retrieval_mode": "dense", "loading": False, "answered": 4,
+                                "batches": 1, "largest_batch": 4}
 
 
 def test_explain_is_explains_output_with_its_version(trained, run_dir):
