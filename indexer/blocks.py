@@ -290,10 +290,6 @@ class BlockStore:
         return self._doc_table
 
     @property
-    def num_docs(self) -> int:
-        return self._docs.num_rows
-
-    @property
     def doc_ids(self) -> list[str]:
         """The live documents' ids, in store order."""
         return list(self._doc_columns()[0])

@@ -44,7 +44,7 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     check_k(k, run.store, "eval.k")
     model_dir = resolve_model_dir(run.dir, cfg.eval.model)
     model, meta = load_model(model_dir)
-    retriever_dir, retriever_meta = swap_retriever(cfg, run, model, meta)
+    retriever_dir, retriever_meta = swap_retriever(cfg, run, model, meta, model_dir)
     model.to(run.device).eval()
     index = index_for_model(run, model, retriever_meta, index_spec(cfg))
     source = CandidateSource.for_run(run, index)
@@ -78,12 +78,12 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def swap_retriever(cfg: TrainConfig, run: Run, model, meta: dict) -> tuple[Path, dict]:
+def swap_retriever(cfg: TrainConfig, run: Run, model, meta: dict, model_dir: Path) -> tuple[Path, dict]:
     """`eval.retriever` (a model name or directory): its towers replace the model's, so the same reader reads
     what another retriever finds (the REALM reader with ICT's retriever); returns the retriever's directory
-    and the meta its index is found by. Empty: the model's own."""
+    and the meta its index is found by. Empty: the model's own (`model_dir`)."""
     if not cfg.eval.retriever:
-        return resolve_model_dir(run.dir, cfg.eval.model), meta
+        return model_dir, meta
     retriever_dir = resolve_model_dir(run.dir, cfg.eval.retriever)
     other, other_meta = load_model(retriever_dir)
     if other_meta["retrieval_dim"] != meta["retrieval_dim"]:
