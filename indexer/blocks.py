@@ -16,6 +16,7 @@ never reused. A store without these entries (every store `prepare` writes) is on
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import sys
@@ -52,8 +53,26 @@ class Document:
 
 def iter_corpus(path: str | os.PathLike, max_doc_bytes: int) -> Iterator[Document]:
     """Validated documents, one at a time (the corpus is never held whole); any defect is an InputError naming
-    file:line. Duplicate ids are found with a set of the ids seen, a few dozen bytes a document."""
-    seen: dict[str, str] = {}
+    file:line. Duplicate ids are found from an 8-byte hash of each id, checked once the corpus is read (so a
+    duplicate fails after the last document; the caller's writes are atomic) and then located by a second read."""
+    hashes: list[np.ndarray] = []
+    chunk: list[int] = []
+    for where, doc in _validated(path, max_doc_bytes):
+        chunk.append(_id_hash(doc.doc_id))
+        if len(chunk) == DOC_CHUNK:
+            hashes.append(np.asarray(chunk, np.uint64))
+            chunk = []
+        yield doc
+    hashes.append(np.asarray(chunk, np.uint64))
+    seen = np.sort(np.concatenate(hashes))
+    if not len(seen):
+        raise InputError(f"{path}: empty corpus (no documents)")
+    repeated = seen[1:][seen[1:] == seen[:-1]]
+    if len(repeated):
+        _raise_duplicate(path, max_doc_bytes, set(repeated.tolist()))
+
+
+def _validated(path: str | os.PathLike, max_doc_bytes: int) -> Iterator[tuple[str, Document]]:
     for where, row in read_records(path):
         raw_id = row.get("id")
         if isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -65,12 +84,21 @@ def iter_corpus(path: str | os.PathLike, max_doc_bytes: int) -> Iterator[Documen
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > max_doc_bytes:
             raise InputError(f"{where}: document '{doc_id}' is {size} bytes, over data.max_doc_bytes={max_doc_bytes}")
-        if doc_id in seen:
-            raise InputError(f"{where}: duplicate id '{doc_id}' (first at {seen[doc_id]})")
-        seen[doc_id] = where
-        yield Document(doc_id, title.strip(), text.strip())
-    if not seen:
-        raise InputError(f"{path}: empty corpus (no documents)")
+        yield where, Document(doc_id, title.strip(), text.strip())
+
+
+def _id_hash(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _raise_duplicate(path, max_doc_bytes: int, suspects: set[int]) -> None:
+    """The first repeated id, named where it repeats and where it first was (a hash collision is not one)."""
+    first: dict[str, str] = {}
+    for where, doc in _validated(path, max_doc_bytes):
+        if _id_hash(doc.doc_id) in suspects:
+            if doc.doc_id in first:
+                raise InputError(f"{where}: duplicate id '{doc.doc_id}' (first at {first[doc.doc_id]})")
+            first[doc.doc_id] = where
 
 
 def read_corpus(path: str | os.PathLike, max_doc_bytes: int) -> list[Document]:
@@ -253,6 +281,7 @@ class BlockStore:
         self._docs = docs  # memory-mapped too: doc ids become Python strings only when a lookup asks for them
         self._doc_table: tuple[list[str], np.ndarray, np.ndarray] | None = None
         self._doc_index: dict[str, int] | None = None
+        self._doc_starts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.vocab_file = self.dir / "vocab.txt"
         self.bm25_dir = self.dir / BM25_DIR
 
@@ -288,6 +317,22 @@ class BlockStore:
             self._doc_table = (d.column("doc_id").to_pylist(), d.column("first_block").to_numpy(),
                                d.column("num_blocks").to_numpy())
         return self._doc_table
+
+    @property
+    def num_docs(self) -> int:
+        """Live documents (docs.arrow's rows)."""
+        return self._docs.num_rows
+
+    def doc_index(self, block_id: int) -> int:
+        """The row in docs.arrow (store order) of the document holding `block_id`, -1 if none does (a dead
+        block). Reads only the documents' first-block and count columns (12 bytes a document)."""
+        if self._doc_starts is None:
+            first = self._docs.column("first_block").to_numpy()
+            order = np.argsort(first, kind="stable")
+            self._doc_starts = (first[order], self._docs.column("num_blocks").to_numpy()[order], order)
+        first, count, order = self._doc_starts
+        i = int(np.searchsorted(first, block_id, side="right")) - 1
+        return int(order[i]) if i >= 0 and block_id < first[i] + count[i] else -1
 
     @property
     def doc_ids(self) -> list[str]:
