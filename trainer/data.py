@@ -28,7 +28,8 @@ from core.records import optional_str, read_jsonl, require_str
 from indexer.blocks import BlockStore
 from indexer.embed import pad_batch
 from indexer.tokenizer import Vocab
-from trainer.masking import NER_CHUNK, random_token_span, split_sentences, tag_salient_spans
+from trainer import masking
+from trainer.masking import random_token_span, split_sentences, tag_salient_spans
 from trainer.model import RealmBatch
 
 MAX_MASKED_TOKENS = 12  # longer spans are rare and mostly noise from the tagger
@@ -95,10 +96,12 @@ def read_text_examples(path: str, store: BlockStore) -> list[Example]:
 def iter_corpus_sentence_examples(store: BlockStore, min_chars: int) -> Iterator[Example]:
     """Sentences drawn from the corpus itself, block by block; each excludes its own block."""
     for b in tqdm(range(len(store)), desc="sentences", unit="block", mininterval=2, disable=not sys.stderr.isatty()):
-        text = store.text(b)
-        for s, e in split_sentences(text):
-            if e - s >= min_chars:
-                yield Example(text=text[s:e], exclude_blocks=[b])
+        yield from block_sentence_examples(store, b, min_chars)
+
+
+def block_sentence_examples(store: BlockStore, block_id: int, min_chars: int) -> list[Example]:
+    text = store.text(block_id)
+    return [Example(text=text[s:e], exclude_blocks=[block_id]) for s, e in split_sentences(text) if e - s >= min_chars]
 
 
 def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]:
@@ -106,13 +109,13 @@ def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]
 
 
 def stream_salient_spans(examples: Iterable[Example], ner: str, workers: int = 1) -> Iterator[Example]:
-    """Examples with `spans` filled with entity/date spans (tagged NER_CHUNK at a time in `workers` processes,
+    """Examples with `spans` filled with entity/date spans (tagged masking.NER_CHUNK at a time in `workers` processes,
     in order), those without any dropped; an example with a given answer keeps it. Streams."""
     def chunks():
         chunk: list[Example] = []
         for ex in examples:
             chunk.append(ex)
-            if len(chunk) == NER_CHUNK:
+            if len(chunk) == masking.NER_CHUNK:  # read at call time (tests shrink it)
                 yield chunk
                 chunk = []
         if chunk:

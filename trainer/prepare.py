@@ -4,20 +4,25 @@ The synthetic-knowledge corpus (indexer/synthetic.py) is generated when `data.co
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from core.errors import InputError
 from core.files import atomic_dir, atomic_write_json
 from core.schema import to_dict
-from indexer.blocks import BlockStore, build_block_store
+from indexer.blocks import BlockedChunks, BlockStore, build_block_store
 from indexer.corpus_versions import reset_pointer
 from indexer.synthetic import write_synthetic
 from trainer import data as D
 from trainer.config import TrainConfig
 
 
-def prepare(cfg: TrainConfig) -> dict:
-    """Writes run_dir/blocks, run_dir/examples/{train,eval}.parquet and run_dir/config.json; returns a summary."""
+def prepare(cfg: TrainConfig, blocked_for: Callable[[str], BlockedChunks] | None = None,
+            corpus_examples: Callable[[BlockStore], Iterator[D.Example]] | None = None) -> dict:
+    """Writes run_dir/blocks, run_dir/examples/{train,eval}.parquet and run_dir/config.json; returns a summary.
+    On this machine (prepare.workers processes) unless another engine (cluster/prepare_data.py: Ray Data)
+    gives `blocked_for(corpus)`, the corpus's blocks, and `corpus_examples(store)`, its sentences with their
+    salient spans, both in corpus order."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus, pretrain, evalf = cfg.data.corpus, cfg.data.pretrain, cfg.data.eval
@@ -31,15 +36,17 @@ def prepare(cfg: TrainConfig) -> dict:
                          f" file {evalf})")
     workers = cfg.prepare.workers
     meta = build_block_store(corpus, run_dir / "blocks", cfg.blocks.tokenizer, cfg.blocks.max_len,
-                             cfg.blocks.max_title_len, cfg.data.max_doc_bytes, workers=workers)
+                             cfg.blocks.max_title_len, cfg.data.max_doc_bytes, workers=workers,
+                             blocked=blocked_for(corpus) if blocked_for else None)
     reset_pointer(run_dir)  # a new blocks/: an earlier update-corpus or reindex no longer applies
     store = BlockStore(run_dir / "blocks")
-    counts = write_example_splits(cfg, store, pretrain, evalf, run_dir / "examples")
+    counts = write_example_splits(cfg, store, pretrain, evalf, run_dir / "examples", corpus_examples)
     atomic_write_json(run_dir / "config.json", to_dict(cfg))
     return {**meta, **counts}
 
 
-def write_example_splits(cfg: TrainConfig, store: BlockStore, pretrain: str, evalf: str, out_dir: Path) -> dict:
+def write_example_splits(cfg: TrainConfig, store: BlockStore, pretrain: str, evalf: str, out_dir: Path,
+                         corpus_examples: Callable[[BlockStore], Iterator[D.Example]] | None = None) -> dict:
     """Pre-training examples (the `pretrain` file's, or the corpus's own sentences) with their salient spans,
     split into train.parquet and eval.parquet under out_dir (atomic). Streams: examples are read, tagged (in
     prepare.workers processes) and written a row group at a time, so memory holds a chunk of examples plus
@@ -49,6 +56,8 @@ def write_example_splits(cfg: TrainConfig, store: BlockStore, pretrain: str, eva
     # wordpieces as the span has
 
     def source():
+        if corpus_examples is not None and not pretrain:
+            return corpus_examples(store)
         examples = (D.iter_text_examples(pretrain, store) if pretrain
                     else D.iter_corpus_sentence_examples(store, cfg.masking.min_sentence_chars))
         return D.stream_salient_spans(examples, cfg.masking.ner, workers) if spans else examples
