@@ -40,6 +40,10 @@ def run_command(command: str, cfg) -> dict | None:
         from cluster.run import pretrain_on_ray
 
         return pretrain_on_ray(cfg)
+    if command == "prepare" and cfg.prepare.engine == "ray":
+        from cluster.prepare_data import prepare_on_ray
+
+        return prepare_on_ray(cfg)
     if command == "prepare":
         from trainer.prepare import prepare
 

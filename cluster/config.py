@@ -83,7 +83,8 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
                 "data.synthetic_phrasing", "data.pretrain", "data.eval", "data.eval_fraction", "data.eval_split",
                 "data.max_eval_examples",
                 "data.max_doc_bytes",
-                "blocks.", "masking.mode", "masking.ner", "masking.min_sentence_chars", "prepare."),
+                "blocks.", "masking.mode", "masking.ner", "masking.min_sentence_chars", "prepare.",
+                "cluster.address", "cluster.host", "cluster.dashboard"),  # prepare.engine=ray
     "ict": (*_COMPUTE, "seed", *_MODEL_SHAPE, "ict.", "refresh.keep_versions", "wandb."),
     # pretrain builds a fresh model (model.*) when there is no ICT model to start from
     "pretrain": (*_COMPUTE, "seed", "model.", "masking.mode", "masking.random_span_max", "retrieval.k",

@@ -16,19 +16,26 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise InputError(f"{p}: file not found")
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            obj = parse_jsonl_line(raw, f"{p}:{lineno}")
+            if obj is not None:
+                yield lineno, obj
+
+
+def parse_jsonl_line(raw: bytes, where: str) -> dict | None:
+    """One JSONL line as an object (None for a blank line); a defect is an InputError naming `where`."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def require_str(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:

@@ -16,10 +16,11 @@ never reused. A store without these entries (every store `prepare` writes) is on
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,25 +53,62 @@ class Document:
 
 def iter_corpus(path: str | os.PathLike, max_doc_bytes: int) -> Iterator[Document]:
     """Validated documents, one at a time (the corpus is never held whole); any defect is an InputError naming
-    file:line. Duplicate ids are found with a set of the ids seen, a few dozen bytes a document."""
-    seen: dict[str, str] = {}
+    file:line. Duplicate ids are found from an 8-byte hash of each id (DuplicateIds), checked once the corpus
+    is read (so a duplicate fails after the last document; the caller's writes are atomic)."""
+    ids = DuplicateIds()
     for where, row in read_records(path):
-        raw_id = row.get("id")
-        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
-            raw_id = str(raw_id)  # integer ids are common enough to accept
-            row = {**row, "id": raw_id}
-        doc_id = require_str(row, "id", where)
-        title = require_str(row, "title", where, allow_empty=True)
-        text = require_str(row, "text", where)
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > max_doc_bytes:
-            raise InputError(f"{where}: document '{doc_id}' is {size} bytes, over data.max_doc_bytes={max_doc_bytes}")
-        if doc_id in seen:
-            raise InputError(f"{where}: duplicate id '{doc_id}' (first at {seen[doc_id]})")
-        seen[doc_id] = where
-        yield Document(doc_id, title.strip(), text.strip())
-    if not seen:
-        raise InputError(f"{path}: empty corpus (no documents)")
+        doc = document_from_row(row, where, max_doc_bytes)
+        ids.add(doc.doc_id)
+        yield doc
+    ids.check(path, max_doc_bytes)
+
+
+def document_from_row(row: dict, where: str, max_doc_bytes: int) -> Document:
+    """One corpus record (id, title, text) as a Document; a defect is an InputError naming `where`."""
+    raw_id = row.get("id")
+    if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        row = {**row, "id": str(raw_id)}  # integer ids are common enough to accept
+    doc_id = require_str(row, "id", where)
+    title = require_str(row, "title", where, allow_empty=True)
+    text = require_str(row, "text", where)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_doc_bytes:
+        raise InputError(f"{where}: document '{doc_id}' is {size} bytes, over data.max_doc_bytes={max_doc_bytes}")
+    return Document(doc_id, title.strip(), text.strip())
+
+
+class DuplicateIds:
+    """Corpus ids seen, as 8-byte hashes (not a set of strings: 13M ids would take GBs). `check` finds a
+    repeated hash, then reads the corpus again to name the repeat and its first place (a collision is not one)."""
+
+    def __init__(self):
+        self.hashes: list[np.ndarray] = []
+        self.chunk: list[int] = []
+
+    def add(self, doc_id: str) -> None:
+        self.chunk.append(_id_hash(doc_id))
+        if len(self.chunk) == DOC_CHUNK:
+            self.hashes.append(np.asarray(self.chunk, np.uint64))
+            self.chunk = []
+
+    def check(self, path: str | os.PathLike, max_doc_bytes: int) -> None:
+        seen = np.sort(np.concatenate(self.hashes + [np.asarray(self.chunk, np.uint64)]))
+        if not len(seen):
+            raise InputError(f"{path}: empty corpus (no documents)")
+        repeated = set(seen[1:][seen[1:] == seen[:-1]].tolist())
+        if not repeated:
+            return
+        first: dict[str, str] = {}
+        for where, row in read_records(path):
+            doc = document_from_row(row, where, max_doc_bytes)
+            if _id_hash(doc.doc_id) in repeated:
+                if doc.doc_id in first:
+                    raise InputError(f"{where}: duplicate id '{doc.doc_id}' (first at {first[doc.doc_id]})")
+                first[doc.doc_id] = where
+
+
+def _id_hash(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def read_corpus(path: str | os.PathLike, max_doc_bytes: int) -> list[Document]:
@@ -175,23 +213,30 @@ def _block_chunk(docs: list[Document]) -> tuple[dict, dict]:
     return block_rows(w["tok"], w["vocab"], docs, w["max_len"], w["max_title_len"])
 
 
+BlockedChunks = Callable[[str], Iterable[tuple[dict, dict]]]  # vocab file -> (block cols, doc cols), in order
+
+
 def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int, max_title_len: int,
-                      max_doc_bytes: int, extra: dict | None = None, workers: int = 1) -> dict:
+                      max_doc_bytes: int, extra: dict | None = None, workers: int = 1,
+                      blocked: BlockedChunks | None = None) -> dict:
     """corpus file -> block store at out_dir (atomic). Streams: documents are read, blocked (in `workers`
-    processes) and written a chunk at a time, in order, so memory does not grow with the corpus (only the set
-    of ids seen, for duplicates, and the BM25 index, which is built from the written file). Deterministic:
-    same input, same bytes, whatever the number of workers."""
-    docs_in = iter_corpus(corpus, max_doc_bytes)
-    head = next(docs_in)  # a missing or bad file fails here, before anything is written or drawn
+    processes, or by `blocked`: cluster/prepare_data.py's Ray Data pipeline) and written a chunk at a time, in
+    order, so memory does not grow with the corpus (only 8 bytes an id, for duplicates, and the BM25 index,
+    which is built from the written file). Deterministic: same input, same bytes, whatever blocks it."""
+    if blocked is None:  # this machine: documents blocked in `workers` processes
+        docs_in = iter_corpus(corpus, max_doc_bytes)
+        head = next(docs_in)  # a missing or bad file fails here, before anything is written or drawn
+
+        def blocked(vocab_file: str) -> Iterator[tuple[dict, dict]]:
+            chunks = _chunks(tqdm(itertools.chain([head], docs_in), desc="blocks", unit="doc", mininterval=2,
+                                  disable=not sys.stderr.isatty()), DOC_CHUNK)
+            return ordered_map(_block_chunk, chunks, workers, _init_blocker, (vocab_file, max_len, max_title_len))
     with atomic_dir(out_dir) as tmp:
         vocab_file = copy_vocab(vocab_spec, tmp)
         blocks = ArrowRowWriter(tmp / "blocks.arrow", BLOCK_SCHEMA, ARROW_BATCH_ROWS)
         docs = ArrowRowWriter(tmp / "docs.arrow", DOC_SCHEMA, ARROW_BATCH_ROWS)
-        chunks = _chunks(tqdm(itertools.chain([head], docs_in), desc="blocks", unit="doc", mininterval=2,
-                              disable=not sys.stderr.isatty()), DOC_CHUNK)
         try:
-            for cols, doc_cols in ordered_map(_block_chunk, chunks, workers, _init_blocker,
-                                              (str(vocab_file), max_len, max_title_len)):
+            for cols, doc_cols in blocked(str(vocab_file)):
                 first = blocks.rows
                 cols["block_id"] = [first + b for b in cols["block_id"]]
                 doc_cols["first_block"] = [first + b for b in doc_cols["first_block"]]
@@ -253,6 +298,7 @@ class BlockStore:
         self._docs = docs  # memory-mapped too: doc ids become Python strings only when a lookup asks for them
         self._doc_table: tuple[list[str], np.ndarray, np.ndarray] | None = None
         self._doc_index: dict[str, int] | None = None
+        self._doc_starts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.vocab_file = self.dir / "vocab.txt"
         self.bm25_dir = self.dir / BM25_DIR
 
@@ -288,6 +334,22 @@ class BlockStore:
             self._doc_table = (d.column("doc_id").to_pylist(), d.column("first_block").to_numpy(),
                                d.column("num_blocks").to_numpy())
         return self._doc_table
+
+    @property
+    def num_docs(self) -> int:
+        """Live documents (docs.arrow's rows)."""
+        return self._docs.num_rows
+
+    def doc_index(self, block_id: int) -> int:
+        """The row in docs.arrow (store order) of the document holding `block_id`, -1 if none does (a dead
+        block). Reads only the documents' first-block and count columns (12 bytes a document)."""
+        if self._doc_starts is None:
+            first = self._docs.column("first_block").to_numpy()
+            order = np.argsort(first, kind="stable")
+            self._doc_starts = (first[order], self._docs.column("num_blocks").to_numpy()[order], order)
+        first, count, order = self._doc_starts
+        i = int(np.searchsorted(first, block_id, side="right")) - 1
+        return int(order[i]) if i >= 0 and block_id < first[i] + count[i] else -1
 
     @property
     def doc_ids(self) -> list[str]:

@@ -16,9 +16,11 @@ calibration between BM25's and the dense model's scores, which live on unrelated
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,23 +53,53 @@ def terms(texts: list[str]) -> list[list[str]]:
     return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=False, show_progress=False)
 
 
+class TermLists(Sequence):
+    """Each block's term ids stored flat (int32 values and int64 offsets: 4 bytes a term, where a list of
+    Python ints costs ~36), given to bm25s one block's list at a time."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values, self.offsets = values, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.values[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass
+class _TokenizedBlocks:  # the shape bm25s.BM25.index takes: term ids per document, and the vocabulary
+    ids: TermLists
+    vocab: dict[str, int]
+
+
 def build_bm25(table: pa.Table, dead: np.ndarray, out_dir: Path) -> dict:
     """Index the live blocks of `table` (BLOCK_SCHEMA) into `out_dir` (called inside the store's atomic
-    directory). Texts are tokenized a chunk at a time; the index itself holds one entry a (block, term)."""
+    directory). Texts are tokenized a chunk at a time and their term ids kept flat; beyond that, memory is
+    bm25s's index itself (about 12 bytes a distinct (block, term) while it is built)."""
     import bm25s
 
-    ids: list[int] = []
-    doc_terms: list[list[int]] = []
+    ids: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
     vocab: dict[str, int] = {}  # term -> id in order of first appearance: the same corpus, the same bytes
+    chunk_ids: list[int] = []
     chunk: list[str] = []
 
     def flush():
-        for words in terms(chunk) if chunk else []:
-            doc_terms.append([vocab.setdefault(w, len(vocab)) for w in words])
+        if chunk:
+            doc_terms = [[vocab.setdefault(w, len(vocab)) for w in words] for words in terms(chunk)]
+            values.append(np.fromiter(itertools.chain.from_iterable(doc_terms), np.int32))
+            lengths.append(np.fromiter(map(len, doc_terms), np.int64, len(doc_terms)))
+            ids.append(np.asarray(chunk_ids, np.int64))
         chunk.clear()
+        chunk_ids.clear()
 
     for block_id, text in block_texts(table, dead):
-        ids.append(block_id)
+        chunk_ids.append(block_id)
         chunk.append(text)
         if len(chunk) == CHUNK_ROWS:
             flush()
@@ -76,12 +108,14 @@ def build_bm25(table: pa.Table, dead: np.ndarray, out_dir: Path) -> dict:
         raise InputError(f"{out_dir.parent}: no live blocks to index")
     if not vocab:  # stop words only: bm25s needs one term to build its matrix
         vocab[""] = 0
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    block_ids = np.concatenate(ids)
     bm25 = bm25s.BM25()
-    bm25.index((doc_terms, vocab), show_progress=False)
+    bm25.index(_TokenizedBlocks(TermLists(np.concatenate(values), offsets), vocab), show_progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm25.save(str(out_dir), show_progress=False)
-    np.save(out_dir / BLOCK_IDS, np.asarray(ids, np.int64))
-    meta = {"kind": "bm25", "blocks": len(ids), "stopwords": STOPWORDS, "k1": bm25.k1, "b": bm25.b}
+    np.save(out_dir / BLOCK_IDS, block_ids)
+    meta = {"kind": "bm25", "blocks": len(block_ids), "stopwords": STOPWORDS, "k1": bm25.k1, "b": bm25.b}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 

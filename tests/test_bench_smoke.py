@@ -128,6 +128,19 @@ def test_refresh_stall_smoke(tmp_path):
         assert int(rows[mode]["steps"]) == 6 and int(rows[mode]["refreshes"]) >= 1
 
 
+def test_scale_smoke(tmp_path):
+    """One small size through prepare (1 and 2 workers), ICT, pre-training on Ray with asynchronous refreshes
+    and top-k: every column is measured, and the two prepares wrote the same bytes."""
+    text = run_bench("scale.py", tmp_path / "R.md", "--work-dir", str(tmp_path / "w"))
+    check_section(text, "Scale: the pipeline at growing corpus sizes")
+    (row,) = table(text, "documents")
+    assert int(row["documents"]) == 200 and int(row["blocks"]) == 200
+    assert int(row["refreshes"]) >= 2 and float(row["refresh blocks/s"]) > 0
+    for key in ("prepare peak RSS MB", "trainer RSS MB", "shard RSS MB", "embed worker RSS MB", "top-k ms b=1"):
+        assert float(row[key]) > 0, key
+    assert "byte-identical: True" in text
+
+
 def test_e2e_demo_smoke(tmp_path):
     text = run_bench("e2e_demo.py", tmp_path / "R.md")
     check_section(text, "End-to-end demo wall time")

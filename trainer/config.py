@@ -43,6 +43,9 @@ class PrepareConfig:
     # processes that block the corpus and tag salient spans (spaCy) in `prepare`; the output is the same bytes
     # whatever the number (chunks are processed and written in order)
     workers: int = 1
+    # local: this machine's `workers` processes | ray: Ray Data (cluster.address, or a local Ray), `workers`
+    # actors blocking and tagging; the run_dir must be on storage every node sees. Same bytes either way.
+    engine: str = "local"
 
 
 @dataclass
@@ -246,6 +249,7 @@ def check_train_config(cfg: TrainConfig) -> None:
                    "data.synthetic_relations": (cfg.data.synthetic_relations, tuple(RELATIONS)),
                    "data.synthetic_phrasing": (cfg.data.synthetic_phrasing, PHRASINGS),
                    "masking.ner": (cfg.masking.ner, ("spacy", "regex")),
+                   "prepare.engine": (cfg.prepare.engine, ("local", "ray")),
                    "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                    "model.pooling": (cfg.model.pooling, POOLINGS),
                    "model.reader_head": (cfg.model.reader_head, READER_HEADS),

@@ -7,9 +7,13 @@ evidence (for recall). `prepare` writes them to run_dir/examples/{train,eval}.pa
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +23,13 @@ from tqdm import tqdm
 
 from core.errors import InputError
 from core.files import atomic_dir, atomic_file
+from core.parallel import ordered_map
 from core.records import optional_str, read_jsonl, require_str
 from indexer.blocks import BlockStore
 from indexer.embed import pad_batch
 from indexer.tokenizer import Vocab
-from trainer.masking import find_salient_spans, random_token_span, split_sentences
+from trainer import masking
+from trainer.masking import random_token_span, split_sentences, tag_salient_spans
 from trainer.model import RealmBatch
 
 MAX_MASKED_TOKENS = 12  # longer spans are rare and mostly noise from the tagger
@@ -63,9 +69,10 @@ def answer_span(text: str, answer: str, where: str) -> list[int]:
     return [start, start + len(answer)]
 
 
-def read_text_examples(path: str, store: BlockStore) -> list[Example]:
-    """Pre-training/eval text JSONL: text [, answer, source_id, gold_id]; errors name file:line."""
-    out = []
+def iter_text_examples(path: str, store: BlockStore) -> Iterator[Example]:
+    """Pre-training/eval text JSONL, one example at a time: text [, answer, source_id, gold_id]; errors name
+    file:line."""
+    empty = True
     for lineno, row in read_jsonl(path):
         where = f"{path}:{lineno}"
         text = require_str(row, "text", where)
@@ -75,38 +82,88 @@ def read_text_examples(path: str, store: BlockStore) -> list[Example]:
                      gold_blocks=_doc_blocks(store, optional_str(row, "gold_id", where), where, "gold_id"))
         if answer is not None:
             ex.spans, ex.fixed_span = [answer_span(text, answer, where)], True
-        out.append(ex)
-    if not out:
+        empty = False
+        yield ex
+    if empty:
         raise InputError(f"{path}: no examples")
-    return out
+
+
+def read_text_examples(path: str, store: BlockStore) -> list[Example]:
+    """`iter_text_examples` as a list (evaluation files)."""
+    return list(iter_text_examples(path, store))
+
+
+def iter_corpus_sentence_examples(store: BlockStore, min_chars: int) -> Iterator[Example]:
+    """Sentences drawn from the corpus itself, block by block; each excludes its own block."""
+    for b in tqdm(range(len(store)), desc="sentences", unit="block", mininterval=2, disable=not sys.stderr.isatty()):
+        yield from block_sentence_examples(store, b, min_chars)
+
+
+def block_sentence_examples(store: BlockStore, block_id: int, min_chars: int) -> list[Example]:
+    text = store.text(block_id)
+    return [Example(text=text[s:e], exclude_blocks=[block_id]) for s, e in split_sentences(text) if e - s >= min_chars]
 
 
 def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]:
-    """Sentences drawn from the corpus itself; each excludes its own block."""
-    out = []
-    for b in tqdm(range(len(store)), desc="sentences", unit="block", mininterval=2):
-        text = store.text(b)
-        for s, e in split_sentences(text):
-            if e - s >= min_chars:
-                out.append(Example(text=text[s:e], exclude_blocks=[b]))
-    return out
+    return list(iter_corpus_sentence_examples(store, min_chars))
+
+
+def stream_salient_spans(examples: Iterable[Example], ner: str, workers: int = 1) -> Iterator[Example]:
+    """Examples with `spans` filled with entity/date spans (tagged masking.NER_CHUNK at a time in `workers` processes,
+    in order), those without any dropped; an example with a given answer keeps it. Streams."""
+    def chunks():
+        chunk: list[Example] = []
+        for ex in examples:
+            chunk.append(ex)
+            if len(chunk) == masking.NER_CHUNK:  # read at call time (tests shrink it)
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def texts(chunk):  # only the texts go to a worker, and come back as spans in the same order
+        return [ex.text for ex in chunk if not ex.fixed_span]
+
+    pending: deque[list[Example]] = deque()
+
+    def feed():
+        for chunk in chunks():
+            pending.append(chunk)
+            yield texts(chunk)
+
+    for spans in ordered_map(partial(tag_salient_spans, ner=ner), feed(), workers):
+        chunk = pending.popleft()
+        todo = iter(spans)
+        for ex in chunk:
+            if not ex.fixed_span:
+                ex.spans = [list(s) for s in next(todo)]
+            if ex.spans:
+                yield ex
 
 
 def attach_salient_spans(examples: list[Example], ner: str, workers: int = 1) -> list[Example]:
-    """Fill `spans` with entity/date spans (tagged in `workers` processes); drop examples that have none."""
-    todo = [ex for ex in examples if not ex.fixed_span]
-    for ex, spans in zip(todo, find_salient_spans([ex.text for ex in todo], ner, workers)):
-        ex.spans = [list(s) for s in spans]
-    return [ex for ex in examples if ex.spans]
+    """`stream_salient_spans` as a list."""
+    return list(stream_salient_spans(examples, ner, workers))
 
 
 def split_train_eval(examples: list[Example], fraction: float, max_eval: int, seed: int
                      ) -> tuple[list[Example], list[Example]]:
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n_eval = min(max_eval, int(round(len(examples) * fraction)))
-    eval_ids = set(order[:n_eval].tolist())
-    return ([ex for i, ex in enumerate(examples) if i not in eval_ids],
-            [examples[i] for i in sorted(eval_ids)])
+    ids = eval_indices(len(examples), fraction, max_eval, seed)
+    return ([ex for i, ex in enumerate(examples) if i not in ids], [examples[i] for i in sorted(ids)])
+
+
+def eval_indices(n: int, fraction: float, max_eval: int, seed: int) -> set[int]:
+    """The seeded evaluation sample of n examples (data.eval_split=sentences)."""
+    n_eval = min(max_eval, int(round(n * fraction)))
+    return set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
+
+
+def held_out_documents(store: BlockStore, fraction: float, seed: int) -> np.ndarray:
+    """A seeded `fraction` of the store's documents (data.eval_split=documents), as a mask over store order."""
+    n = store.num_docs
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).permutation(n)[:int(round(n * fraction))]] = True
+    return held
 
 
 def split_by_document(examples: list[Example], store: BlockStore, fraction: float, max_eval: int, seed: int
@@ -114,23 +171,82 @@ def split_by_document(examples: list[Example], store: BlockStore, fraction: floa
     """A `fraction` of the documents (seeded) held out whole: none of their sentences is trained on, and up to
     `max_eval` of them (in corpus order) are the evaluation set. An example's document is that of the block it
     excludes (its own: a corpus sentence, or a `source_id`); examples without one always train."""
-    docs = store.doc_ids
-    held = {docs[i] for i in np.random.default_rng(seed).permutation(len(docs))[:int(round(len(docs) * fraction))]}
-    train, held_out = [], []
+    train: list[Example] = []
+    held_out = route_by_document(examples, store, fraction, max_eval, seed, train.append)
+    return train, held_out
+
+
+def route_by_document(examples: Iterable[Example], store: BlockStore, fraction: float, max_eval: int, seed: int,
+                      train: Callable[[Example], None]) -> list[Example]:
+    """`split_by_document`, streaming: each training example goes to `train` as it comes; returns the first
+    `max_eval` held-out examples."""
+    held = held_out_documents(store, fraction, seed)
+    held_out: list[Example] = []
+    any_example = any_held = False
     for ex in examples:
-        doc = store.doc_id(ex.exclude_blocks[0]) if ex.exclude_blocks else None
-        (held_out if doc in held else train).append(ex)
-    if examples and not held_out:
-        raise InputError(f"config key 'data.eval_fraction': {fraction} of {len(docs)} documents holds out no "
+        any_example = True
+        doc = store.doc_index(ex.exclude_blocks[0]) if ex.exclude_blocks else -1
+        if doc >= 0 and held[doc]:
+            any_held = True
+            if len(held_out) < max_eval:
+                held_out.append(ex)
+        else:
+            train(ex)
+    if any_example and not any_held:
+        raise InputError(f"config key 'data.eval_fraction': {fraction} of {store.num_docs} documents holds out no "
                          f"example (data.eval_split=documents)")
-    return train, held_out[:max_eval]
+    return held_out
+
+
+EXAMPLE_ROW_GROUP = 1 << 16  # examples per Parquet row group, however they arrived
+
+
+class ExampleWriter:
+    """Examples appended one at a time, written to Parquet a row group of EXAMPLE_ROW_GROUP at a time: memory
+    holds one row group, and the file's bytes depend only on its examples."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(str(path), EXAMPLE_SCHEMA)
+        self.pending: list[Example] = []
+        self.rows = 0
+
+    def append(self, ex: Example) -> None:
+        self.pending.append(ex)
+        self.rows += 1
+        if len(self.pending) == EXAMPLE_ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        cols = {k: [getattr(ex, k) for ex in self.pending] for k in EXAMPLE_SCHEMA.names}
+        self.writer.write_table(pa.table(cols, schema=EXAMPLE_SCHEMA))
+        self.pending = []
+
+    def close(self) -> None:
+        if self.pending or self.rows == 0:
+            self._flush()
+        self.writer.close()
+
+
+def iter_example_file(path: Path) -> Iterator[Example]:
+    """The examples of a Parquet file, a row group at a time."""
+    f = pq.ParquetFile(path)
+    for i in range(f.num_row_groups):
+        for row in f.read_row_group(i).to_pylist():
+            yield Example(**row)
+
+
+def write_example_file(path: Path, examples: Iterable[Example]) -> int:
+    w = ExampleWriter(path)
+    for ex in examples:
+        w.append(ex)
+    w.close()
+    return w.rows
 
 
 def write_examples(directory: Path, splits: dict[str, list[Example]]) -> None:
     with atomic_dir(directory) as tmp:
         for name, examples in splits.items():
-            cols = {k: [getattr(ex, k) for ex in examples] for k in EXAMPLE_SCHEMA.names}
-            pq.write_table(pa.table(cols, schema=EXAMPLE_SCHEMA), tmp / f"{name}.parquet")
+            write_example_file(tmp / f"{name}.parquet", examples)
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:

@@ -98,10 +98,10 @@ def find_salient_spans(texts: list[str], ner: str = "spacy", workers: int = 1) -
     """Character spans of named entities and dates for each text; tagged in `workers` processes, chunk by
     chunk in order, so the result does not depend on the number of workers."""
     chunks = (texts[i:i + NER_CHUNK] for i in range(0, len(texts), NER_CHUNK))
-    return [spans for part in ordered_map(partial(_tag, ner=ner), chunks, workers) for spans in part]
+    return [spans for part in ordered_map(partial(tag_salient_spans, ner=ner), chunks, workers) for spans in part]
 
 
-def _tag(texts: list[str], ner: str) -> list[list[tuple[int, int]]]:
+def tag_salient_spans(texts: list[str], ner: str) -> list[list[tuple[int, int]]]:
     nlp = _spacy() if ner == "spacy" else None
     results = []
     if nlp is not None:
