@@ -217,7 +217,8 @@ def main(argv=None) -> list[dict]:
     for r in rows[1:]:  # growth against the smallest size
         f = r["documents"] / first["documents"]
         checks.append(f"{r['documents']:,} vs {first['documents']:,} documents ({f:g}x): prepare s "
-                      f"{r['prepare s'] / first['prepare s']:.2f}x, refresh s {r['refresh s'] / first['refresh s']:.2f}x, "
+                      f"{r['prepare s'] / first['prepare s']:.2f}x, refresh s "
+                      f"{r['refresh s'] / first['refresh s']:.2f}x, "
                       f"prepare RSS {r['prepare peak RSS MB'] / first['prepare peak RSS MB']:.2f}x, trainer RSS "
                       f"{r['trainer RSS MB'] / max(first['trainer RSS MB'], 1e-9):.2f}x")
     if a.plot and not a.smoke:

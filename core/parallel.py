@@ -33,3 +33,15 @@ def ordered_map(fn: Callable[[Any], Any], chunks: Iterable[Any], workers: int,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def chunked(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive lists of n items (the last may be shorter), drawn lazily."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from core.errors import InputError
 from core.files import atomic_dir, verify_manifest, write_manifest
-from core.parallel import ordered_map
+from core.parallel import chunked, ordered_map
 from core.records import read_records, require_str
 from indexer.lexical import BM25_DIR, build_bm25
 from indexer.tokenizer import Vocab, copy_vocab, load_tokenizer
@@ -228,7 +228,7 @@ def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int,
         head = next(docs_in)  # a missing or bad file fails here, before anything is written or drawn
 
         def blocked(vocab_file: str) -> Iterator[tuple[dict, dict]]:
-            chunks = _chunks(tqdm(itertools.chain([head], docs_in), desc="blocks", unit="doc", mininterval=2,
+            chunks = chunked(tqdm(itertools.chain([head], docs_in), desc="blocks", unit="doc", mininterval=2,
                                   disable=not sys.stderr.isatty()), DOC_CHUNK)
             return ordered_map(_block_chunk, chunks, workers, _init_blocker, (vocab_file, max_len, max_title_len))
     with atomic_dir(out_dir) as tmp:
@@ -252,17 +252,6 @@ def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int,
                 "max_len": max_len, "max_title_len": max_title_len, "corpus": str(corpus), **(extra or {})}
         write_manifest(tmp, meta)
     return meta
-
-
-def _chunks(items: Iterable, n: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def write_arrow(path: Path, table: pa.Table) -> None:

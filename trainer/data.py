@@ -11,9 +11,8 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from core.errors import InputError
 from core.files import atomic_dir, atomic_file
-from core.parallel import ordered_map
+from core.parallel import chunked, ordered_map
 from core.records import optional_str, read_jsonl, require_str
 from indexer.blocks import BlockStore
 from indexer.embed import pad_batch
@@ -111,23 +110,13 @@ def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]
 def stream_salient_spans(examples: Iterable[Example], ner: str, workers: int = 1) -> Iterator[Example]:
     """Examples with `spans` filled with entity/date spans (tagged masking.NER_CHUNK at a time in `workers` processes,
     in order), those without any dropped; an example with a given answer keeps it. Streams."""
-    def chunks():
-        chunk: list[Example] = []
-        for ex in examples:
-            chunk.append(ex)
-            if len(chunk) == masking.NER_CHUNK:  # read at call time (tests shrink it)
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
     def texts(chunk):  # only the texts go to a worker, and come back as spans in the same order
         return [ex.text for ex in chunk if not ex.fixed_span]
 
     pending: deque[list[Example]] = deque()
 
     def feed():
-        for chunk in chunks():
+        for chunk in chunked(examples, masking.NER_CHUNK):  # NER_CHUNK read at call time (tests shrink it)
             pending.append(chunk)
             yield texts(chunk)
 
