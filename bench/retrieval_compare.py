@@ -7,9 +7,9 @@ the shelf (all its layers, mean-pooled, cosine: no training); each model of the 
 and the fine-tuned Open-QA models (models/qa, models/qa_ict, ...), searched by its own index (dense); and for
 each fine-tuned model its `hybrid` row: the candidates retrieval.mode=hybrid serves (trainer.index_client.
 CandidateSource: reciprocal rank fusion of the model's and BM25's rankings, each `retrieval.fusion_depth` deep).
-  answer recall@k  an answer string is in one of the top k blocks (trainer.qa.answer_in_text: SQuAD
-                   normalization, whole tokens; DPR's top-k accuracy), k = 1, 5, 20, 100 (capped at the
-                   live blocks)
+  answer recall@k  an answer string is in one of the top k blocks, title or text (what the reader reads:
+                   [CLS] title [SEP] text; trainer.qa.answer_in_text: SQuAD normalization, whole tokens;
+                   DPR's top-k accuracy over title + passage), k = 1, 5, 20, 100 (capped at the live blocks)
   recall@k         a block of the question's gold paragraph is among the top k blocks, k = 1, 5, 20: only for
                    a set whose every question has `gold_id` (SQuAD-open); empty cells for the others
   EM               exact match of the fine-tuned models, reading their top finetune.k blocks: the dense row
@@ -195,8 +195,8 @@ class AnswerHits:
     def __call__(self, q: int, block: int) -> bool:
         key = (q, block)
         if key not in self._hit:
-            if block not in self._text:
-                self._text[block] = self.store.text(block)
+            if block not in self._text:  # the title too: the reader reads it, and DPR's top-k accuracy counts it
+                self._text[block] = f"{self.store.title(block)} {self.store.text(block)}"
             ex = self.examples[q]
             self._hit[key] = answer_in_text(self._text[block], ex.answers, ex.is_regex)
         return self._hit[key]
@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "pretrain.steps": cfg.pretrain.steps, "finetune.steps": cfg.finetune.steps,
               "retrieval.fusion_depth": cfg.retrieval.fusion_depth, "retrieval.rrf_k": cfg.retrieval.rrf_k,
               "threads": cfg.threads}
-    notes = [f"answer recall@k: an answer string in one of the top k blocks (SQuAD normalization, whole tokens: "
-             f"DPR's top-k accuracy); ranked {depth} deep"
+    notes = [f"answer recall@k: an answer string in the title or text of one of the top k blocks (SQuAD "
+             f"normalization, whole tokens: DPR's top-k accuracy); ranked {depth} deep"
              + (f" (all {run.store.num_live} live blocks: answer recall@100 is recall@{depth})" if depth < MAX_K
                 else "") + f"; plot: {Path(a.plot).name}"]
     for qs in sets:
