@@ -10,6 +10,7 @@
 #   DATA=dir bash scripts/wiki_vital.sh                   the question files' directory (default: the shared data)
 #
 # The ICT-start fine-tuning runs before pre-training so that it reads the index ICT just published.
+# The comparison scores every question of both sets (the config's data.max_eval_examples caps held-out masked spans).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/wiki_vital.yaml}
@@ -29,4 +30,4 @@ stage "held-out masked spans" "$PY" -m bench.heldout_spans --config "$CONFIG" ${
   --pipeline prepare,ict,finetune,pretrain,evaluate "$@"
 stage compare "$PY" -m bench.retrieval_compare --config "$CONFIG" ${RESULTS:+--results "$RESULTS"} \
   ${PLOT:+--plot "$PLOT"} --questions "nq_dev=$DATA/nq_dev.jsonl" \
-  --questions "webquestions_test=$DATA/webquestions_test.jsonl" "$@"
+  --questions "webquestions_test=$DATA/webquestions_test.jsonl" data.max_eval_examples=1000000 "$@"
