@@ -28,19 +28,7 @@ def _prepare(tmp_path, name, corpus, engine, *overrides):
     return summary, digests
 
 
-@pytest.fixture(scope="module")
-def ray_for_prepare():
-    import ray
-
-    from core.env import OFFLINE_ENV
-
-    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             runtime_env={"env_vars": dict(OFFLINE_ENV)})
-    yield
-    ray.shutdown()
-
-
-def test_ray_data_writes_the_local_engines_bytes(tmp_path, tiny_corpus, ray_for_prepare, monkeypatch):
+def test_ray_data_writes_the_local_engines_bytes(tmp_path, tiny_corpus, local_ray, monkeypatch):
     """JSONL (with a blank line, so places are lines, not rows) and a directory of Parquet files: the block
     store and the examples (spaCy spans, a document split) are byte for byte the local engine's. Small batches,
     so both actors work and the driver stitches many batches."""
@@ -71,7 +59,7 @@ def test_ray_data_writes_the_local_engines_bytes(tmp_path, tiny_corpus, ray_for_
     ('{"id": "a", "title": "t", "text": "x y"}\n{"id": "a", "title": "t", "text": "z"}',
      r"c\.jsonl:2: duplicate id 'a' \(first at .*c\.jsonl:1\)"),
 ])
-def test_ray_data_names_a_bad_rows_line_as_the_local_engine_does(tmp_path, ray_for_prepare, bad, message):
+def test_ray_data_names_a_bad_rows_line_as_the_local_engine_does(tmp_path, local_ray, bad, message):
     (tmp_path / "c.jsonl").write_text(bad + "\n")
     for engine in ("local", "ray"):
         with pytest.raises(InputError, match=message):
