@@ -19,12 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from bench.common import print_table, write_results  # noqa: E402
 from bench.retrieval_compare import HEADER, AnswerHits, doc_embeddings, question_spec, ranking, with_mode  # noqa: E402
 from cluster.config import load_config  # noqa: E402
-from indexer.lexical import LexicalIndex  # noqa: E402
+from indexer.lexical import LexicalIndex, reciprocal_rank_fusion  # noqa: E402
 from indexer.shards import ShardedIndex  # noqa: E402
 from trainer.checkpoint import load_model  # noqa: E402
 from trainer.qa import read_qa  # noqa: E402
@@ -32,23 +31,6 @@ from trainer.qa_system import QASystem  # noqa: E402
 from trainer.run import Run  # noqa: E402
 
 DEPTH = 100
-
-
-def weighted_rrf(rankings: list[np.ndarray], weights: list[float], k: int, c: float) -> np.ndarray:
-    """reciprocal_rank_fusion with a weight per ranking: a block scores Σ w / (c + rank)."""
-    out = np.full((rankings[0].shape[0], k), -1, np.int64)
-    for b in range(out.shape[0]):
-        score: dict[int, float] = {}
-        first: dict[int, tuple[int, int]] = {}
-        for r, (ranked, w) in enumerate(zip(rankings, weights)):
-            for rank, z in enumerate(ranked[b]):
-                if z < 0:
-                    continue
-                score[int(z)] = score.get(int(z), 0.0) + w / (c + rank + 1)
-                first.setdefault(int(z), (r, rank))
-        fused = sorted(score, key=lambda z: (-score[z], first[z]))[:k]
-        out[b, :len(fused)] = fused
-    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -76,7 +58,8 @@ def main(argv=None) -> list[dict]:
             dense = ranking(system, [e.question for e in exs], DEPTH, cfg.eval.batch_size)
             hits = AnswerHits(run.store, exs)
             for w in weights:
-                curve = hits.curve(weighted_rrf([dense, lexical[set_name]], [1.0, w], 20, cfg.retrieval.rrf_k))
+                fused = reciprocal_rank_fusion([dense, lexical[set_name]], 20, cfg.retrieval.rrf_k, [1.0, w])
+                curve = hits.curve(fused)
                 rows.append({"model": name, "questions": f"{set_name} ({len(exs)})", "BM25 weight": w,
                              "answer recall@1": float(curve[0]), "answer recall@5": float(curve[4]),
                              "answer recall@20": float(curve[19])})

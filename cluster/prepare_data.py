@@ -21,7 +21,6 @@ have to index whole.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -30,7 +29,7 @@ import ray.data
 from cluster.config import Config
 from cluster.run import connect
 from core.errors import InputError
-from core.records import parse_jsonl_line
+from core.records import parse_jsonl_line, record_files
 from indexer.blocks import DOC_CHUNK, BlockedChunks, BlockStore, DuplicateIds, document_from_row, split_document
 from indexer.tokenizer import Vocab, load_tokenizer
 from trainer import data as D
@@ -91,21 +90,11 @@ class _Blocker:
         return pa.table(out, schema=BLOCKED_SCHEMA)
 
 
-def _corpus_files(corpus: str) -> tuple[list[str], bool]:
-    """The files Ray Data reads, in the local engine's order, and whether they are JSONL."""
-    p = Path(corpus)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.iterdir() if f.suffix == ".parquet" and not f.name.startswith("."))
-        if not files:
-            raise InputError(f"{p}: a directory with no .parquet files")
-        return files, False
-    if not p.is_file():
-        raise InputError(f"{p}: file not found")
-    return [str(p)], p.suffix != ".parquet"
-
-
 def _blocked(cfg: Config, corpus: str) -> BlockedChunks:
-    files, jsonl = _corpus_files(corpus)
+    paths, jsonl = record_files(corpus)  # the local engine's files, in its order
+    if jsonl and not paths[0].is_file():
+        raise InputError(f"{paths[0]}: file not found")
+    files = [str(f) for f in paths]
     max_doc_bytes = cfg.data.max_doc_bytes
 
     def run(vocab_file: str) -> Iterator[tuple[dict, dict]]:

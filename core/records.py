@@ -62,18 +62,25 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     """Rows of a JSONL file, a Parquet file or a directory of Parquet files (read in name order) as
     (location, dict); location is 'file:line' or 'file:row N'. Streams: Parquet is read a record batch at a
     time, JSONL a line at a time, so no file is ever held whole."""
+    files, jsonl = record_files(path)
+    if jsonl:
+        for lineno, obj in read_jsonl(files[0]):
+            yield f"{files[0]}:{lineno}", obj
+    else:
+        for f in files:
+            yield from _parquet_rows(f)
+
+
+def record_files(path: str | os.PathLike) -> tuple[list[Path], bool]:
+    """The files `read_records` reads, in its order (a directory's .parquet files by name), and whether they
+    are JSONL (one file)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix == ".parquet" and not f.name.startswith("."))
         if not files:
             raise InputError(f"{p}: a directory with no .parquet files")
-        for f in files:
-            yield from _parquet_rows(f)
-    elif p.suffix == ".parquet":
-        yield from _parquet_rows(p)
-    else:
-        for lineno, obj in read_jsonl(p):
-            yield f"{p}:{lineno}", obj
+        return files, False
+    return [p], p.suffix != ".parquet"
 
 
 PARQUET_BATCH_ROWS = 4096

@@ -172,21 +172,23 @@ class LexicalIndex:
         return scores, ids
 
 
-def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0) -> np.ndarray:
+def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0,
+                           weights: list[float] | None = None) -> np.ndarray:
     """Fuse rankings (each [B, depth] block ids, best first, -1 = none) into [B, k] ids (-1 padded): a block's
-    score is Σ 1 / (c + rank) over the rankings it appears in; ties go to the block ranked first in the
-    earliest ranking."""
+    score is Σ w / (c + rank) over the rankings it appears in (w = 1 unless `weights` gives one a ranking;
+    bench/fusion_weights.py); ties go to the block ranked first in the earliest ranking."""
+    weights = weights or [1.0] * len(rankings)
     B = rankings[0].shape[0]
     out = np.full((B, k), -1, np.int64)
     for b in range(B):
         score: dict[int, float] = {}
         first_seen: dict[int, tuple[int, int]] = {}
-        for r, ranking in enumerate(rankings):
+        for r, (ranking, w) in enumerate(zip(rankings, weights)):
             for rank, block in enumerate(ranking[b]):
                 block = int(block)
                 if block < 0:
                     continue
-                score[block] = score.get(block, 0.0) + 1.0 / (c + rank + 1)
+                score[block] = score.get(block, 0.0) + w / (c + rank + 1)
                 first_seen.setdefault(block, (r, rank))
         fused = sorted(score, key=lambda z: (-score[z], first_seen[z]))[:k]
         out[b, :len(fused)] = fused

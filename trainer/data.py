@@ -103,10 +103,6 @@ def block_sentence_examples(store: BlockStore, block_id: int, min_chars: int) ->
     return [Example(text=text[s:e], exclude_blocks=[block_id]) for s, e in split_sentences(text) if e - s >= min_chars]
 
 
-def corpus_sentence_examples(store: BlockStore, min_chars: int) -> list[Example]:
-    return list(iter_corpus_sentence_examples(store, min_chars))
-
-
 def stream_salient_spans(examples: Iterable[Example], ner: str, workers: int = 1) -> Iterator[Example]:
     """Examples with `spans` filled with entity/date spans (tagged masking.NER_CHUNK at a time in `workers` processes,
     in order), those without any dropped; an example with a given answer keeps it. Streams."""
@@ -135,12 +131,6 @@ def attach_salient_spans(examples: list[Example], ner: str, workers: int = 1) ->
     return list(stream_salient_spans(examples, ner, workers))
 
 
-def split_train_eval(examples: list[Example], fraction: float, max_eval: int, seed: int
-                     ) -> tuple[list[Example], list[Example]]:
-    ids = eval_indices(len(examples), fraction, max_eval, seed)
-    return ([ex for i, ex in enumerate(examples) if i not in ids], [examples[i] for i in sorted(ids)])
-
-
 def eval_indices(n: int, fraction: float, max_eval: int, seed: int) -> set[int]:
     """The seeded evaluation sample of n examples (data.eval_split=sentences)."""
     n_eval = min(max_eval, int(round(n * fraction)))
@@ -155,20 +145,12 @@ def held_out_documents(store: BlockStore, fraction: float, seed: int) -> np.ndar
     return held
 
 
-def split_by_document(examples: list[Example], store: BlockStore, fraction: float, max_eval: int, seed: int
-                      ) -> tuple[list[Example], list[Example]]:
-    """A `fraction` of the documents (seeded) held out whole: none of their sentences is trained on, and up to
-    `max_eval` of them (in corpus order) are the evaluation set. An example's document is that of the block it
-    excludes (its own: a corpus sentence, or a `source_id`); examples without one always train."""
-    train: list[Example] = []
-    held_out = route_by_document(examples, store, fraction, max_eval, seed, train.append)
-    return train, held_out
-
-
 def route_by_document(examples: Iterable[Example], store: BlockStore, fraction: float, max_eval: int, seed: int,
                       train: Callable[[Example], None]) -> list[Example]:
-    """`split_by_document`, streaming: each training example goes to `train` as it comes; returns the first
-    `max_eval` held-out examples."""
+    """A `fraction` of the documents (seeded) held out whole: none of their sentences is trained on, and up to
+    `max_eval` of them (in corpus order) are the evaluation set, returned. An example's document is that of the
+    block it excludes (its own: a corpus sentence, or a `source_id`); examples without one always train. Streams:
+    each training example goes to `train` as it comes."""
     held = held_out_documents(store, fraction, seed)
     held_out: list[Example] = []
     any_example = any_held = False
