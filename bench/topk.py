@@ -2,8 +2,9 @@
 
 On the same random float32 embeddings [N, dim], for query batches of 1 and 512:
   faiss flat  one faiss IndexFlatIP, searched directly (the library alone)
-  flat shard  one indexer.shards.FlatShard: that faiss index, with batches of 16+ queries (from a
-              million scores a call) sent to the torch search over the same memory (CPU)
+  flat shard  one indexer.shards.FlatShard: that faiss index, with one query sent to BLAS's
+              matrix-vector product + torch.topk (matvec_topk) and batches of 16+ queries (from a
+              million scores a call) to the torch search, both over the same memory (CPU)
   sharded     indexer.shards.ShardedIndex with S FlatShards (per-shard search + merge_topk)
   numpy       matmul + argpartition, what HF's RealmRetriever does (unsorted top-k)
   torch-*     exact matmul + topk in row chunks on a torch device: fp32 storage, and fp16/bf16

@@ -26,6 +26,35 @@ def gpu_available() -> bool:
 # several times faster. Below about a million scores a call faiss is as fast (bench/topk.py,
 # figures in bench/RESULTS.md).
 TORCH_MIN_BATCH, TORCH_MIN_SCORES = 16, 1 << 20
+# A single query is another case: faiss parallelises its flat search over queries, so one query runs on
+# one thread, at a fraction of the memory bandwidth. BLAS's matrix-vector product streams the rows on
+# every core, and torch.topk selects from the scores faster than a heap or argpartition; at 1e6 x 128
+# that is about one pass over the rows (bench/topk.py: "flat shard" against "faiss flat" at batch 1).
+# Rows are scored a chunk at a time so the scores stay small at any N.
+MATVEC_CHUNK_ROWS = 1 << 18
+
+
+def matvec_topk(rows: np.ndarray, query: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k of rows @ query (one query [dim]): scores [1, k] float32 and ids [1, k] int64, best
+    first, ids offset by `offset`, padded with -inf / -1 past the rows. Among equal scores the smaller id
+    wins, as in faiss's heap and merge_topk, so a query gets the same blocks alone and in a batch."""
+    import torch
+
+    cand_s, cand_i = [], []
+    for start in range(0, len(rows), MATVEC_CHUNK_ROWS):
+        scores = rows[start:start + MATVEC_CHUNK_ROWS] @ query
+        kth = torch.topk(torch.from_numpy(scores), min(k, len(scores))).values[-1].item()
+        keep = np.flatnonzero(scores >= kth)  # every row tied with the k-th best too
+        cand_s.append(scores[keep])
+        cand_i.append(keep + start)
+    out_s = np.full((1, k), -np.inf, np.float32)
+    out_i = np.full((1, k), -1, np.int64)
+    if cand_s:
+        scores, ids = np.concatenate(cand_s), np.concatenate(cand_i)
+        order = np.lexsort((ids, -scores.astype(np.float64)))[:k]
+        out_s[0, :len(order)] = scores[order]
+        out_i[0, :len(order)] = ids[order] + offset
+    return out_s, out_i
 
 
 class FlatShard:
@@ -43,16 +72,19 @@ class FlatShard:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         index.add(emb)
         self.index = index
-        self.batch_search = None
+        self.batch_search = self.cpu_rows = None
         if not on_gpu and self.rows:
             from indexer.torch_search import TorchFlatShard
             rows = faiss.rev_swig_ptr(index.get_xb(), self.rows * self.dim).reshape(self.rows, self.dim)
-            self.batch_search = TorchFlatShard(rows, offset)  # a view of faiss's storage, no copy
+            self.cpu_rows = rows  # a view of faiss's storage, no copy
+            self.batch_search = TorchFlatShard(rows, offset)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.batch_search is not None and len(q) >= TORCH_MIN_BATCH and len(q) * self.rows >= TORCH_MIN_SCORES:
             return self.batch_search.search(q, k)
+        if self.cpu_rows is not None and len(q) == 1:
+            return matvec_topk(self.cpu_rows, q[0], k, self.offset)
         kk = min(k, self.rows)
         if kk == 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))

@@ -97,3 +97,31 @@ def test_find_returns_the_newest_version_built_by_a_doc_encoder(tmp_path):
     assert (found.version, found.checkpoint_step) == (3, 2)
     np.testing.assert_array_equal(IndexVersions.load_rows(found), emb + 2)
     assert versions.find(doc_encoder_id="z") is None and versions.current().version == 4
+
+
+@pytest.mark.parametrize("rows", [0, 5, 1000])
+def test_single_query_search_equals_batched_search(rows, monkeypatch):
+    """A batch of 1 takes the matrix-vector path (indexer.shards.matvec_topk), others faiss: the same blocks
+    in the same order, in chunks smaller than the shard, with equal rows tied (the smaller id first) and k
+    past the rows."""
+    import indexer.shards as shards
+
+    monkeypatch.setattr(shards, "MATVEC_CHUNK_ROWS", 64)
+    rng = np.random.default_rng(rows)
+    emb = rng.standard_normal((rows, 16)).astype(np.float32)
+    if rows > 100:
+        emb[500:510] = emb[7]  # eleven equal rows: ties across chunks and at the k-th place
+    queries = np.concatenate([emb[7:8] if rows > 100 else np.ones((1, 16), np.float32),
+                              rng.standard_normal((3, 16)).astype(np.float32)])
+    for num_shards in (1, 2):
+        index = ShardedIndex(emb, num_shards, use_gpu=False)
+        for k in (1, 8, 12):
+            b_scores, b_ids = index.search(queries, k)
+            for i in range(len(queries)):
+                scores, ids = index.search(queries[i:i + 1], k)
+                np.testing.assert_array_equal(ids, b_ids[i:i + 1])
+                np.testing.assert_allclose(scores, b_scores[i:i + 1], rtol=1e-5, atol=1e-5)
+                assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (1, k)
+    if rows > 100:  # one shard alone: the tied rows, smaller ids first, ids offset
+        ids = FlatShard(emb, offset=100, use_gpu=False).search(queries[:1], 8)[1]
+        assert ids[0].tolist() == [107, *range(600, 607)]
