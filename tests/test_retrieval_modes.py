@@ -58,6 +58,36 @@ def test_bm25_ranks_by_shared_terms_and_leaves_out_dead_and_excluded_blocks(tmp_
     assert ids.tolist() == [[0, -1]]
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 64, 100_000])
+def test_bm25_build_writes_what_bm25s_writes(tmp_path, monkeypatch, chunk_rows):
+    """build_bm25 streams (a chunk of blocks at a time, the matrix written column by column into mapped
+    files); its files are byte for byte those of bm25s's own `index` over the same term ids, for blocks
+    with no terms, with stop words only and with dead blocks among them, whatever the chunk size."""
+    import bm25s
+
+    import indexer.lexical as lexical
+
+    rng = np.random.default_rng(chunk_rows)
+    words = ["the", "of", "and", "capital", "Paris", "rome", "x"] + [f"w{i}" for i in range(200)]
+    rows = [(f"T{i}" if i % 7 else "", " ".join(rng.choice(words, rng.integers(0, 30)))) for i in range(500)]
+    rows[10] = ("", "the of and")  # stop words only: no terms
+    table, dead = _table(rows), np.array([3, 50, 499])
+    monkeypatch.setattr(lexical, "CHUNK_ROWS", chunk_rows)
+    build_bm25(table, dead, tmp_path / "ours")
+    vocab: dict[str, int] = {}
+    texts = [t for _, t in lexical.block_texts(table, dead)]
+    ref = bm25s.BM25()
+    ref.index(bm25s.tokenization.Tokenized(
+        ids=[[vocab.setdefault(w, len(vocab)) for w in ws] for ws in lexical.terms(texts)], vocab=vocab),
+        show_progress=False)
+    ref.save(str(tmp_path / "ref"), show_progress=False)
+    for f in sorted((tmp_path / "ref").iterdir()):
+        assert f.read_bytes() == (tmp_path / "ours" / f.name).read_bytes(), f.name
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(
+        [*(p.name for p in (tmp_path / "ref").iterdir()), "block_ids.npy", "meta.json"])  # no scratch file left
+    assert np.load(tmp_path / "ours" / "block_ids.npy").tolist() == [b for b in range(500) if b not in (3, 50, 499)]
+
+
 def test_reciprocal_rank_fusion():
     dense = np.array([[5, 1, 2, -1], [7, 8, 9, -1]])
     lexical = np.array([[1, 3, -1, -1], [9, 8, 7, -1]])
