@@ -32,7 +32,7 @@ from core.errors import InputError
 from core.files import atomic_dir, verify_manifest, write_manifest
 from core.parallel import chunked, ordered_map
 from core.records import read_records, require_str
-from indexer.lexical import BM25_DIR, build_bm25
+from indexer.lexical import BM25_COLUMNS, BM25_DIR, build_bm25
 from indexer.tokenizer import Vocab, copy_vocab, load_tokenizer
 
 BLOCK_SCHEMA = pa.schema([
@@ -170,33 +170,47 @@ def block_rows(tok, vocab: Vocab, docs: Iterable[Document], max_len: int, max_ti
 class ArrowRowWriter:
     """Rows appended in chunks of any size, written as record batches of exactly `batch_rows` rows (the last may
     be shorter), each built afresh from the rows' values: the file's bytes depend only on its rows, never on
-    how they were chunked on the way."""
+    how they were chunked on the way. Rows waiting for their batch are held as Arrow (4 bytes a token id, where
+    Python lists cost ~36)."""
 
     def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
         self.schema, self.batch_rows = schema, batch_rows
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
-        self.pending: dict[str, list] = {k: [] for k in schema.names}
-        self.rows = 0
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.rows = 0
 
     def append(self, cols: dict) -> None:
-        for k in self.schema.names:
-            self.pending[k].extend(cols[k])
-        self.rows += len(cols[self.schema.names[0]])
-        while len(self.pending[self.schema.names[0]]) >= self.batch_rows:
+        chunk = pa.table({k: cols[k] for k in self.schema.names}, schema=self.schema)
+        self.pending.append(chunk)
+        self.pending_rows += chunk.num_rows
+        self.rows += chunk.num_rows
+        while self.pending_rows >= self.batch_rows:
             self._flush(self.batch_rows)
 
     def _flush(self, n: int) -> None:
-        self.writer.write_table(pa.table({k: v[:n] for k, v in self.pending.items()}, schema=self.schema),
-                                max_chunksize=n)
-        for v in self.pending.values():
-            del v[:n]
+        rows = pa.concat_tables(self.pending)
+        # a fresh copy of the batch's values (take, not a slice): its buffers start at zero, whatever the chunks
+        self.writer.write_table(rows.take(np.arange(n)).combine_chunks(), max_chunksize=n)
+        rest = rows.slice(n)
+        self.pending = [rest.take(np.arange(rest.num_rows))] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
 
     def close(self) -> None:
-        if self.pending[self.schema.names[0]]:
-            self._flush(len(self.pending[self.schema.names[0]]))
+        if self.pending_rows:
+            self._flush(self.pending_rows)
         self.writer.close()
         self.sink.close()
+
+
+def read_batches(paths: list[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Arrow files' record batches in order, `columns` only, read (not memory-mapped) one at a time: a scan
+    of the whole store holds one batch, where a map would keep every page it touched resident."""
+    for path in paths:
+        with pa.OSFile(str(path)) as f:
+            reader = pa.ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i).select(columns)
 
 
 _BLOCKER: dict = {}  # a blocking worker's tokenizer and lengths (set by _init_blocker in each process)
@@ -245,8 +259,8 @@ def build_block_store(corpus: str, out_dir: Path, vocab_spec: str, max_len: int,
         finally:
             blocks.close()
             docs.close()
-        table = pa.ipc.open_file(pa.memory_map(str(tmp / "blocks.arrow"))).read_all()
-        build_bm25(table, np.empty(0, np.int64), tmp / BM25_DIR)  # versioned with the blocks: inside the store
+        # versioned with the blocks: inside the store
+        build_bm25(read_batches([tmp / "blocks.arrow"], BM25_COLUMNS), np.empty(0, np.int64), tmp / BM25_DIR)
         # max_title_len is recorded so that an edit blocks its documents exactly as these were blocked
         meta = {"kind": "block_store", "num_blocks": blocks.rows, "num_docs": docs.rows,
                 "max_len": max_len, "max_title_len": max_title_len, "corpus": str(corpus), **(extra or {})}
@@ -302,6 +316,10 @@ class BlockStore:
         offsets, values = self._chunks[c]
         i = block_id - int(self._chunk_start[c])
         return values[offsets[i]:offsets[i + 1]]
+
+    def iter_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """Every block in order, a record batch at a time (read_batches: for scans, not lookups)."""
+        return read_batches([self.dir / seg for seg in self.manifest.get("segments", ["blocks.arrow"])], columns)
 
     def text(self, block_id: int) -> str:
         return self.table.column("text")[block_id].as_py()

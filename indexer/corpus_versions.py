@@ -30,8 +30,8 @@ import pyarrow as pa
 from core.errors import InputError
 from core.files import atomic_dir, atomic_write_json, write_manifest
 from core.records import read_records, require_str
-from indexer.blocks import BLOCK_SCHEMA, DOC_SCHEMA, BlockStore, Document, block_rows, write_arrow
-from indexer.lexical import BM25_DIR, build_bm25
+from indexer.blocks import BLOCK_SCHEMA, DOC_SCHEMA, BlockStore, Document, block_rows, read_batches, write_arrow
+from indexer.lexical import BM25_COLUMNS, BM25_DIR, build_bm25
 from indexer.tokenizer import Vocab, load_tokenizer
 
 POINTER = "CORPUS"
@@ -155,9 +155,8 @@ def build_edited_store(prev: BlockStore, out_dir: Path, changes: Changes, versio
         dead = np.unique(np.concatenate(dead)).astype(np.int64)
         np.save(tmp / "dead.npy", dead)
         # BM25 statistics (document frequencies, lengths) are corpus-wide, so the new version's index is
-        # built whole from its live blocks; the hard-linked segments are read memory-mapped, not copied.
-        table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(tmp / seg))).read_all() for seg in segments])
-        build_bm25(table, dead, tmp / BM25_DIR)
+        # built whole from its live blocks, read a record batch at a time from the (hard-linked) segments.
+        build_bm25(read_batches([tmp / seg for seg in segments], BM25_COLUMNS), dead, tmp / BM25_DIR)
         kept = [e for e in prev.doc_entries() if e[0] not in gone]
         docs = {"doc_id": [d for d, _, _ in kept] + new_docs["doc_id"],
                 "first_block": [f for _, f, _ in kept] + new_docs["first_block"],

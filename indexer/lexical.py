@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +34,15 @@ log = logging.getLogger(__name__)
 BM25_DIR = "bm25"
 BLOCK_IDS = "block_ids.npy"
 STOPWORDS = "en"
-CHUNK_ROWS = 65_536  # blocks tokenized at a time while building: the texts of one chunk are in memory
+CHUNK_ROWS = 16_384  # blocks tokenized, and scored, at a time while building: one chunk's texts are in memory
+BM25_COLUMNS = ["block_id", "title", "text"]  # what build_bm25 reads of the blocks
 
 
-def block_texts(table: pa.Table, dead: np.ndarray) -> Iterator[tuple[int, str]]:
-    """(block id, "title text") of each live block, read chunk by chunk from the Arrow table."""
+def block_texts(batches: Iterable[pa.RecordBatch], dead: np.ndarray) -> Iterator[tuple[int, str]]:
+    """(block id, "title text") of each live block, from record batches of BM25_COLUMNS."""
     dead_set = set(int(d) for d in dead)
-    for batch in table.select(["block_id", "title", "text"]).to_batches(max_chunksize=CHUNK_ROWS):
-        ids, titles, texts = (batch.column(i).to_pylist() for i in range(3))
+    for batch in batches:
+        ids, titles, texts = (batch.column(c).to_pylist() for c in BM25_COLUMNS)
         for b, title, text in zip(ids, titles, texts):
             if b not in dead_set:
                 yield b, f"{title} {text}"
@@ -72,9 +73,9 @@ def term_pairs(terms_flat: np.ndarray, offsets: np.ndarray, n_terms: int) -> tup
     return keys // n_blocks, keys % n_blocks, tf
 
 
-def build_bm25(table: pa.Table, dead: np.ndarray, out_dir: Path) -> dict:
-    """Index the live blocks of `table` (BLOCK_SCHEMA) into `out_dir` (called inside the store's atomic
-    directory), in bm25s's format, without holding the index or the corpus in memory.
+def build_bm25(batches: Iterable[pa.RecordBatch], dead: np.ndarray, out_dir: Path) -> dict:
+    """Index the live blocks of `batches` (BM25_COLUMNS of every block, in order) into `out_dir` (called inside
+    the store's atomic directory), in bm25s's format, without holding the index or the corpus in memory.
 
     bm25s's own `index` builds from every block's term list at once and then converts a coordinate
     matrix, about 9x the index's size in memory (1.1 GB for a 127 MB index at a million blocks). Here:
@@ -104,7 +105,7 @@ def build_bm25(table: pa.Table, dead: np.ndarray, out_dir: Path) -> dict:
                 chunk.clear()
                 chunk_ids.clear()
 
-            for block_id, text in block_texts(table, dead):
+            for block_id, text in block_texts(batches, dead):
                 chunk_ids.append(block_id)
                 chunk.append(text)
                 if len(chunk) == CHUNK_ROWS:

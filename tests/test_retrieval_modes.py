@@ -45,7 +45,7 @@ def _table(rows):
 def test_bm25_ranks_by_shared_terms_and_leaves_out_dead_and_excluded_blocks(tmp_path):
     table = _table([("Paris", "Paris is the capital of France."), ("Rome", "Rome has the Colosseum, in Italy."),
                     ("Lisbon", "Lisbon lies on the Tagus."), ("Oslo", "Oslo is the capital of Norway.")])
-    build_bm25(table, np.array([2]), tmp_path / "bm25")
+    build_bm25(table.to_batches(), np.array([2]), tmp_path / "bm25")
     ix = LexicalIndex(tmp_path / "bm25")
     assert len(ix) == 3  # the dead block is not indexed at all
     scores, ids = ix.search(["capital of Norway", "Colosseum", "Tagus", "the of and"], 3)
@@ -73,9 +73,9 @@ def test_bm25_build_writes_what_bm25s_writes(tmp_path, monkeypatch, chunk_rows):
     rows[10] = ("", "the of and")  # stop words only: no terms
     table, dead = _table(rows), np.array([3, 50, 499])
     monkeypatch.setattr(lexical, "CHUNK_ROWS", chunk_rows)
-    build_bm25(table, dead, tmp_path / "ours")
+    build_bm25(table.to_batches(max_chunksize=64), dead, tmp_path / "ours")
     vocab: dict[str, int] = {}
-    texts = [t for _, t in lexical.block_texts(table, dead)]
+    texts = [t for _, t in lexical.block_texts(table.to_batches(), dead)]
     ref = bm25s.BM25()
     ref.index(bm25s.tokenization.Tokenized(
         ids=[[vocab.setdefault(w, len(vocab)) for w in ws] for ws in lexical.terms(texts)], vocab=vocab),

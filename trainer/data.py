@@ -93,13 +93,21 @@ def read_text_examples(path: str, store: BlockStore) -> list[Example]:
 
 
 def iter_corpus_sentence_examples(store: BlockStore, min_chars: int) -> Iterator[Example]:
-    """Sentences drawn from the corpus itself, block by block; each excludes its own block."""
-    for b in tqdm(range(len(store)), desc="sentences", unit="block", mininterval=2, disable=not sys.stderr.isatty()):
-        yield from block_sentence_examples(store, b, min_chars)
+    """Sentences drawn from the corpus itself, block by block (a record batch read at a time); each excludes its
+    own block."""
+    bar = tqdm(total=len(store), desc="sentences", unit="block", mininterval=2, disable=not sys.stderr.isatty())
+    for batch in store.iter_batches(["block_id", "text"]):
+        for block_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            yield from text_sentence_examples(text, block_id, min_chars)
+        bar.update(batch.num_rows)
+    bar.close()
 
 
 def block_sentence_examples(store: BlockStore, block_id: int, min_chars: int) -> list[Example]:
-    text = store.text(block_id)
+    return text_sentence_examples(store.text(block_id), block_id, min_chars)
+
+
+def text_sentence_examples(text: str, block_id: int, min_chars: int) -> list[Example]:
     return [Example(text=text[s:e], exclude_blocks=[block_id]) for s, e in split_sentences(text) if e - s >= min_chars]
 
 
