@@ -74,30 +74,57 @@ def write_corpus(path: Path, n: int, work: Path) -> None:
             f.write(json.dumps({**d, "id": f"{d['id']}-r{i // len(docs)}"}) + "\n")
 
 
-def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float]:
-    """Run a command under GNU time: (seconds, peak RSS in MB); a failure shows the log's tail."""
+def timed(cmd: list[str], log: Path, env: dict, sampler: ActorRss | None = None) -> tuple[float, float]:
+    """Run a command under GNU time: (seconds, peak RSS in MB); a failure shows the log's tail. `sampler`
+    samples the actors the command starts (its descendant processes) while it runs."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], stdout=out, stderr=subprocess.STDOUT,
-                           env=env, cwd=ROOT)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
+        if sampler is not None:
+            sampler.root = proc.pid
+            sampler.start()
+        try:
+            returncode = proc.wait()
+        finally:
+            if sampler is not None:
+                sampler.done.set()
+                sampler.join()
     seconds = time.perf_counter() - t0
     text = log.read_text()
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed (exit {r.returncode}); log {log}:\n{text[-3000:]}")
+    if returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed (exit {returncode}); log {log}:\n{text[-3000:]}")
     return seconds, int(re.findall(r"MAXRSS_KB (\d+)", text)[-1]) / 1024
 
 
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it (from /proc's parent ids)."""
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {root}
+    while frontier:
+        found |= frontier
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+    return found
+
+
 class ActorRss(threading.Thread):
-    """Peak RSS (MB) of each kind of Ray actor process on this machine, sampled from /proc twice a second."""
+    """Peak RSS (MB) of each kind of Ray actor process the measured command started (below `root`: not
+    another job's actors on the same machine), sampled from /proc twice a second."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.peak = {a: 0.0 for a in ACTORS}
         self.done = threading.Event()
+        self.root = os.getpid()
 
     def run(self):
         while not self.done.wait(0.5):
-            for pid in filter(str.isdigit, os.listdir("/proc")):
+            for pid in map(str, descendants(self.root)):
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                     actor = next((a for a in ACTORS if f"ray::{a}".encode() in cmd), None)
@@ -117,8 +144,9 @@ def digests(run: Path) -> dict:
             for f in ("blocks/blocks.arrow", "blocks/docs.arrow", "examples/train.parquet", "examples/eval.parquet")}
 
 
-def topk_ms(run: Path, shards: int) -> tuple[float, float, float]:
-    """Median ms of a top-8 search at batch 1 and 512 over the current index, and its size in MB."""
+def topk_ms(run: Path, shards: int) -> tuple[float, float, float, float]:
+    """Median ms of a top-8 search at batch 1 and 512 over the current index, of the scores alone at batch 1
+    (one matrix-vector product: one pass over the rows, the memory-bandwidth floor), and the index's MB."""
     import numpy as np
 
     from indexer.shards import ShardedIndex
@@ -138,7 +166,13 @@ def topk_ms(run: Path, shards: int) -> tuple[float, float, float]:
             index.search(q, 8)
             times.append(time.perf_counter() - t0)
         out.append(1000 * float(np.median(times)))
-    return out[0], out[1], emb.nbytes / 2 ** 20
+    q = rng.standard_normal(emb.shape[1]).astype(np.float32)
+    times = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        emb @ q
+        times.append(time.perf_counter() - t0)
+    return out[0], out[1], 1000 * float(np.median(times)), emb.nbytes / 2 ** 20
 
 
 def main(argv=None) -> list[dict]:
@@ -178,22 +212,17 @@ def main(argv=None) -> list[dict]:
                 shutil.rmtree(run2, ignore_errors=True)
             ict_s, ict_rss = timed([*py, "ict", *over, "ict.steps=2", "ict.batch_size=8"], run / "ict.log", env)
             sampler = ActorRss()
-            sampler.start()
-            try:
-                pre_s, pre_rss = timed([*py, "pretrain", *over, "cluster.backend=ray", f"pretrain.steps={steps}",
-                                        f"refresh.every_steps={a.every}", "refresh.mode=async",
-                                        f"refresh.max_staleness={a.every}", "pretrain.freeze_retriever_steps=0",
-                                        "pretrain.own_block_steps=0", "pretrain.batch_size=4", "retrieval.k=2",
-                                        f"pretrain.checkpoint_every={10 ** 6}", "pretrain.log_every=1"],
-                                       run / "pretrain.log", env)
-            finally:
-                sampler.done.set()
-                sampler.join()
+            pre_s, pre_rss = timed([*py, "pretrain", *over, "cluster.backend=ray", f"pretrain.steps={steps}",
+                                    f"refresh.every_steps={a.every}", "refresh.mode=async",
+                                    f"refresh.max_staleness={a.every}", "pretrain.freeze_retriever_steps=0",
+                                    "pretrain.own_block_steps=0", "pretrain.batch_size=4", "retrieval.k=2",
+                                    f"pretrain.checkpoint_every={10 ** 6}", "pretrain.log_every=1"],
+                                   run / "pretrain.log", env, sampler)
             summary = json.loads((run / "pretrain_summary.json").read_text())
             history = summary["refresh_history"]
             blocks = json.loads((run / "blocks" / "manifest.json").read_text())["num_blocks"]
             shards = summary.get("shards", 2)
-            t1, t512, index_mb = topk_ms(run, shards)
+            t1, t512, pass_ms, index_mb = topk_ms(run, shards)
             rows.append({
                 "documents": n, "blocks": blocks, "prepare s": prep_s, "prepare peak RSS MB": prep_rss,
                 "ict+index s": ict_s, "ict peak RSS MB": ict_rss,
@@ -203,7 +232,8 @@ def main(argv=None) -> list[dict]:
                 "pretrain s": pre_s, "max staleness": summary.get("max_staleness", "-"),
                 "trainer RSS MB": sampler.peak["TrainerWorker"],
                 "embed worker RSS MB": sampler.peak["EmbeddingWorker"], "shard RSS MB": sampler.peak["ShardServer"],
-                "index MB (one copy)": index_mb, "top-k ms b=1": t1, "top-k ms b=512": t512,
+                "index MB (one copy)": index_mb, "top-k ms b=1": t1, "scores alone ms b=1": pass_ms,
+                "top-k ms b=512": t512,
                 "store MB": du(run / "blocks") / 2 ** 20, "bm25 MB": du(run / "blocks" / "bm25") / 2 ** 20,
                 "examples MB": du(run / "examples") / 2 ** 20, "index versions MB": du(run / "index") / 2 ** 20,
             })
@@ -229,6 +259,8 @@ def main(argv=None) -> list[dict]:
     notes = ["RSS: prepare/ict = GNU time's max RSS of the launched process (its worker processes are separate); "
              "actors = the largest process of each kind, sampled every 0.5 s. Index memory (one fp32 copy of the "
              "embeddings) is its own column: shard servers hold their slice of it, two versions during a swap",
+             "scores alone: one matrix-vector product over the index's rows (numpy), the pass a batch-1 top-k cannot "
+             "beat; top-k at batch 1 goes through ShardedIndex (indexer.shards.matvec_topk per shard)",
              *checks]
     print_table("Scale: the pipeline at growing corpus sizes", rows)
     for c in checks:
