@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -133,7 +134,10 @@ def build_bm25(batches: Iterable[pa.RecordBatch], dead: np.ndarray, out_dir: Pat
         nnz = int(df.sum())
         idx_dtype = np.int32 if max(nnz, n_docs, n_vocab) <= np.iinfo(np.int32).max else np.int64  # as scipy
         indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
-        idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)  # Lucene's, as bm25s rounds it
+        # Lucene's idf with the C library's log a term at a time, as bm25s computes it (numpy's vectorized log may
+        # differ in the last bit), rounded to float32 as bm25s stores it
+        idf = np.array([math.log(1 + (n_docs - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()],
+                       np.float64).astype(np.float32)
         bm25 = bm25s.BM25()  # its defaults (Lucene, k1 = 1.5, b = 0.75, float32) and its file names
         avg_len = float(doc_len.mean())
         cursor = indptr[:-1].astype(np.int64)  # where each column's next pair goes
