@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,9 @@ from indexer.embed import pad_batch
 from indexer.tokenizer import Vocab
 from trainer import masking
 from trainer.masking import random_token_span, split_sentences, tag_salient_spans
-from trainer.model import RealmBatch
+
+if TYPE_CHECKING:  # the model (transformers, ~3 s to import) is not needed to prepare examples
+    from trainer.model import RealmBatch
 
 MAX_MASKED_TOKENS = 12  # longer spans are rare and mostly noise from the tagger
 ICT_MAX_TRIES = 50  # draws per ICT example before a batch settles for fewer (blocks of one sentence have none)
@@ -352,6 +355,8 @@ def reader_input(query_ids: np.ndarray, block_tokens: np.ndarray | None, max_len
 def collate_realm(queries: list[MaskedQuery], candidates: np.ndarray, store: BlockStore, vocab: Vocab,
                   reader_max_len: int) -> RealmBatch:
     """Tensors for B queries and their [B, K] candidate block ids (-1 = no candidate)."""
+    from trainer.model import RealmBatch
+
     B, K = candidates.shape
     valid = candidates >= 0
     q_ids, q_mask = pad_batch([q.ids for q in queries], vocab.pad)
