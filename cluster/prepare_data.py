@@ -40,7 +40,6 @@ BLOCKED_SCHEMA = pa.schema([
     ("error", pa.string()), ("doc_id", pa.string()), ("title", pa.string()),
     ("texts", pa.list_(pa.string())), ("token_ids", pa.list_(pa.list_(pa.int32()))), ("path", pa.string()),
 ])
-BLOCKS_PER_TAG_BATCH = 256  # blocks whose sentences one tagging call reads (a few NER_CHUNKs of sentences)
 
 
 def prepare_on_ray(cfg: Config) -> dict:
@@ -146,16 +145,15 @@ class _SentenceTagger:
         self.min_chars, self.ner, self.spans = min_chars, ner, spans
 
     def __call__(self, batch: dict) -> pa.Table:
-        examples = [ex for b in batch["id"].tolist() for ex in D.block_sentence_examples(self.store, b, self.min_chars)]
-        if self.spans:
-            examples = list(D.stream_salient_spans(examples, self.ner))
+        examples = D.block_sentence_chunk([(b, self.store.text(b)) for b in batch["id"].tolist()], self.min_chars,
+                                          self.ner if self.spans else None)
         return pa.table({k: [getattr(ex, k) for ex in examples] for k in D.EXAMPLE_SCHEMA.names},
                         schema=D.EXAMPLE_SCHEMA)
 
 
 def _corpus_examples(cfg: Config, store: BlockStore, spans: bool) -> Iterator[D.Example]:
     ds = ray.data.range(len(store)).map_batches(
-        _SentenceTagger, batch_size=BLOCKS_PER_TAG_BATCH, batch_format="numpy", num_cpus=1,
+        _SentenceTagger, batch_size=D.SENTENCE_BLOCK_CHUNK, batch_format="numpy", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.prepare.workers),
         fn_constructor_args=(str(store.dir), cfg.masking.min_sentence_chars, cfg.masking.ner, spans))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

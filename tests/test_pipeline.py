@@ -198,12 +198,12 @@ def test_prepare_with_two_workers_writes_the_same_bytes(tmp_path, tiny_corpus, m
     import hashlib
 
     import indexer.blocks as B
-    import trainer.masking as M
+    import trainer.data as D
     from cluster.config import load_config
     from tests.conftest import ROOT
 
     monkeypatch.setattr(B, "DOC_CHUNK", 7)
-    monkeypatch.setattr(M, "NER_CHUNK", 16)  # chunks are cut in this process; the workers only tag them
+    monkeypatch.setattr(D, "SENTENCE_BLOCK_CHUNK", 5)  # chunks are cut in this process; the workers split and tag
     digests = {}
     for workers in (1, 2):
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [

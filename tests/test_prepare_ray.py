@@ -32,11 +32,11 @@ def test_ray_data_writes_the_local_engines_bytes(tmp_path, tiny_corpus, local_ra
     """JSONL (with a blank line, so places are lines, not rows) and a directory of Parquet files: the block
     store and the examples (spaCy spans, a document split) are byte for byte the local engine's. Small batches,
     so both actors work and the driver stitches many batches."""
-    import cluster.prepare_data as P
     import indexer.blocks as B
+    import trainer.data as D
 
     monkeypatch.setattr(B, "DOC_CHUNK", 7)
-    monkeypatch.setattr(P, "BLOCKS_PER_TAG_BATCH", 5)
+    monkeypatch.setattr(D, "SENTENCE_BLOCK_CHUNK", 5)  # both engines: the blocks split and tagged at a time
     lines = open(tiny_corpus["corpus"]).read().splitlines()
     jsonl = write_jsonl(tmp_path / "c.jsonl", lines[:20] + [""] + lines[20:])
     parts = tmp_path / "parts"

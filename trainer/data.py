@@ -95,19 +95,38 @@ def read_text_examples(path: str, store: BlockStore) -> list[Example]:
     return list(iter_text_examples(path, store))
 
 
-def iter_corpus_sentence_examples(store: BlockStore, min_chars: int) -> Iterator[Example]:
-    """Sentences drawn from the corpus itself, block by block (a record batch read at a time); each excludes its
-    own block."""
-    bar = tqdm(total=len(store), desc="sentences", unit="block", mininterval=2, disable=not sys.stderr.isatty())
-    for batch in store.iter_batches(["block_id", "text"]):
-        for block_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            yield from text_sentence_examples(text, block_id, min_chars)
-        bar.update(batch.num_rows)
-    bar.close()
+SENTENCE_BLOCK_CHUNK = 256  # blocks whose sentences are split and tagged in one call, by either engine's workers
 
 
-def block_sentence_examples(store: BlockStore, block_id: int, min_chars: int) -> list[Example]:
-    return text_sentence_examples(store.text(block_id), block_id, min_chars)
+def stream_corpus_sentence_examples(store: BlockStore, min_chars: int, ner: str | None = None, workers: int = 1
+                                    ) -> Iterator[Example]:
+    """The corpus's own sentences, each excluding its own block, in corpus order; with `ner`, their salient spans
+    tagged and those without any dropped. Blocks are read a record batch at a time and cut into chunks of
+    SENTENCE_BLOCK_CHUNK here; `workers` processes split and tag them (block_sentence_chunk), so the result is the
+    same for any number of workers."""
+    def chunks():
+        bar = tqdm(total=len(store), desc="sentences", unit="block", mininterval=2, disable=not sys.stderr.isatty())
+        for batch in store.iter_batches(["block_id", "text"]):
+            yield from chunked(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()), SENTENCE_BLOCK_CHUNK)
+            bar.update(batch.num_rows)
+        bar.close()
+
+    for examples in ordered_map(partial(block_sentence_chunk, min_chars=min_chars, ner=ner), chunks(), workers):
+        yield from examples
+
+
+def block_sentence_chunk(blocks: list[tuple[int, str]], min_chars: int, ner: str | None) -> list[Example]:
+    """The examples of some (block id, text)s' sentences; with `ner`, tagged in one call and those without a
+    salient span dropped. One call of the local engine's workers and of the Ray Data engine's actors."""
+    examples = [ex for block_id, text in blocks for ex in text_sentence_examples(text, block_id, min_chars)]
+    if ner is None:
+        return examples
+    tagged = []
+    for ex, spans in zip(examples, tag_salient_spans([ex.text for ex in examples], ner)):
+        ex.spans = [list(s) for s in spans]
+        if ex.spans:
+            tagged.append(ex)
+    return tagged
 
 
 def text_sentence_examples(text: str, block_id: int, min_chars: int) -> list[Example]:

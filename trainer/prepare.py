@@ -58,8 +58,10 @@ def write_example_splits(cfg: TrainConfig, store: BlockStore, pretrain: str, eva
     def source():
         if corpus_examples is not None and not pretrain:
             return corpus_examples(store)
-        examples = (D.iter_text_examples(pretrain, store) if pretrain
-                    else D.iter_corpus_sentence_examples(store, cfg.masking.min_sentence_chars))
+        if not pretrain:  # the corpus's own sentences: split (and tagged) in the workers
+            return D.stream_corpus_sentence_examples(store, cfg.masking.min_sentence_chars,
+                                                     cfg.masking.ner if spans else None, workers)
+        examples = D.iter_text_examples(pretrain, store)
         return D.stream_salient_spans(examples, cfg.masking.ner, workers) if spans else examples
 
     with atomic_dir(out_dir) as tmp:
