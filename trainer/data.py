@@ -184,9 +184,12 @@ def route_by_document(examples: Iterable[Example], store: BlockStore, fraction: 
     held = held_out_documents(store, fraction, seed)
     held_out: list[Example] = []
     any_example = any_held = False
+    last_block, doc = None, -1  # a block's sentences come together: its document is looked up once
     for ex in examples:
         any_example = True
-        doc = store.doc_index(ex.exclude_blocks[0]) if ex.exclude_blocks else -1
+        block = ex.exclude_blocks[0] if ex.exclude_blocks else None
+        if block != last_block:
+            last_block, doc = block, (-1 if block is None else store.doc_index(block))
         if doc >= 0 and held[doc]:
             any_held = True
             if len(held_out) < max_eval:
