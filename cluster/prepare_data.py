@@ -145,9 +145,10 @@ class _SentenceTagger:
         self.min_chars, self.ner, self.spans = min_chars, ner, spans
 
     def __call__(self, batch: dict) -> pa.Table:
-        examples = D.block_sentence_chunk([(b, self.store.text(b)) for b in batch["id"].tolist()], self.min_chars,
-                                          self.ner if self.spans else None)
-        return pa.table({k: [getattr(ex, k) for ex in examples] for k in D.EXAMPLE_SCHEMA.names},
+        texts, blocks, spans = D.block_sentences([(b, self.store.text(b)) for b in batch["id"].tolist()],
+                                                 self.min_chars, self.ner if self.spans else None)
+        return pa.table({"text": texts, "spans": spans, "fixed_span": [False] * len(texts),
+                         "exclude_blocks": [[b] for b in blocks], "gold_blocks": [[] for _ in texts]},
                         schema=D.EXAMPLE_SCHEMA)
 
 
