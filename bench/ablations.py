@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, add_common_args, apply_common_args, print_table, write_results  # noqa: E402
+from bench.common import ROOT, add_common_args, apply_common_args, commit_info, print_table, write_results  # noqa: E402
 from bench.e2e_demo import SMOKE, run_stages  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 
@@ -77,7 +77,7 @@ def run_variant(name: str, seed: int, config: str, overrides: list[str], work: P
     wall = time.perf_counter() - t0
     by_stage = {r["stage"]: r.get("data", {}) for r in rows}
     realm, qa, summary = by_stage["evaluate eval.model=realm"], by_stage["evaluate task=openqa"], by_stage["pretrain"]
-    result = {"variant": name, "seed": seed, "overrides": extra, "wall_s": wall,
+    result = {"variant": name, "seed": seed, "overrides": extra, "wall_s": wall, "commit": commit_info(),
               **{k: realm.get(k) for k in METRICS[:3]}, "exact_match": qa.get("exact_match"),
               "qa_recall_at_k": qa.get("retrieval_recall_at_k"), "refreshes": summary.get("refreshes"),
               "blocked_s": summary.get("refresh_blocked", 0) + summary.get("staleness_wait", 0),
@@ -101,7 +101,9 @@ def table_row(name: str, results: list[dict]) -> dict:
     if len(results) > 1:
         row["em_range"] = (max(r["exact_match"] for r in results) - min(r["exact_match"] for r in results))
     row.update({"wall_min": mean("wall_s") / 60, "pretrain_s": mean("pretrain_s"), "blocked_s": mean("blocked_s"),
-                "refreshes": mean("refreshes"), "mean_staleness": mean("mean_staleness")})
+                "refreshes": mean("refreshes"), "mean_staleness": mean("mean_staleness"),
+                # a resumed table gathers variants run at different times: each one's code is named
+                "commits": " ".join(sorted({r.get("commit", "unrecorded") for r in results}))})
     return row
 
 

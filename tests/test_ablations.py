@@ -31,6 +31,7 @@ def test_ablations_smoke_table_and_resume(tmp_path):
                     "mean_staleness"):
             float(row[key].replace(",", ""))  # a number, not n/a
     assert float(rows["reference"]["refreshes"]) > 0  # smoke refreshes every 2 of 8 steps
+    assert rows["reference"]["commits"] not in ("", "unrecorded")  # each variant names the code it ran
     assert json.loads((work / "no_null_doc-seed0" / "run" / "models" / "realm" / "realm.json").read_text()
                       )["null_document"] is False
     assert (work / "ablations.png").stat().st_size > 0
