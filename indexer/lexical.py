@@ -65,7 +65,7 @@ def bm25_scores(tf: np.ndarray, doc_len: np.ndarray, avg_len: float, idf: np.nda
     return (idf.astype(np.float64) * (tf / (norm + tf))).astype(np.float32)
 
 
-def term_pairs(terms_flat: np.ndarray, offsets: np.ndarray, n_terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def term_pairs(terms_flat: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The distinct (term, block) pairs of blocks [0, len(offsets) - 1), `terms_flat[offsets[i]:offsets[i + 1]]`
     block i's term ids: term, local block and count of each, sorted by term, then block."""
     n_blocks = len(offsets) - 1
@@ -80,10 +80,10 @@ def build_bm25(batches: Iterable[pa.RecordBatch], dead: np.ndarray, out_dir: Pat
 
     bm25s's own `index` builds from every block's term list at once and then converts a coordinate
     matrix, about 9x the index's size in memory (1.1 GB for a 127 MB index at a million blocks). Here:
-      1. blocks are tokenized CHUNK_ROWS at a time; their term ids go to a scratch file, 4 bytes a term;
-      2. a pass over that file counts each term's blocks (its column's length in the CSC matrix);
-      3. a second pass scores each chunk's (term, block) pairs and writes them into their columns of the
-         memory-mapped .npy files, each column filling in block order.
+      1. blocks are tokenized CHUNK_ROWS at a time; their term ids go to a scratch file, 4 bytes a term, and
+         each term's blocks are counted (its column's length in the CSC matrix);
+      2. a pass over that file scores each chunk's (term, block) pairs and writes them into their columns of
+         the memory-mapped .npy files, each column filling in block order.
     Memory is the vocabulary, a few numbers a term and a block, and one chunk. The files load as bm25s's
     (LexicalIndex: BM25.load), equal to what bm25s's `index` writes (tests/test_retrieval_modes.py)."""
     import bm25s
@@ -95,14 +95,19 @@ def build_bm25(batches: Iterable[pa.RecordBatch], dead: np.ndarray, out_dir: Pat
     lengths: list[np.ndarray] = []
     chunk_ids: list[int] = []
     chunk: list[str] = []
+    df = np.zeros(0, np.int64)  # blocks holding each term so far: its column's length
     try:
         with scratch.open("wb") as f:
             def flush():
+                nonlocal df
                 if chunk:
                     doc_terms = [[vocab.setdefault(w, len(vocab)) for w in words] for words in terms(chunk)]
-                    f.write(np.fromiter(itertools.chain.from_iterable(doc_terms), np.int32).tobytes())
+                    values = np.fromiter(itertools.chain.from_iterable(doc_terms), np.int32)
+                    f.write(values.tobytes())
                     lengths.append(np.fromiter(map(len, doc_terms), np.int64, len(doc_terms)))
                     ids.append(np.asarray(chunk_ids, np.int64))
+                    t, _, _ = term_pairs(values, np.concatenate([[0], np.cumsum(lengths[-1])]))
+                    df = np.pad(df, (0, len(vocab) - len(df))) + np.bincount(t, minlength=len(vocab))
                 chunk.clear()
                 chunk_ids.clear()
 
@@ -125,12 +130,9 @@ def build_bm25(batches: Iterable[pa.RecordBatch], dead: np.ndarray, out_dir: Pat
 
         def chunk_pairs(a: int, z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # read, not mapped: see below
             chunk_terms = np.fromfile(scratch, np.int32, int(offsets[z] - offsets[a]), offset=4 * int(offsets[a]))
-            return term_pairs(chunk_terms, offsets[a:z + 1] - offsets[a], n_vocab)
+            return term_pairs(chunk_terms, offsets[a:z + 1] - offsets[a])
 
-        df = np.zeros(n_vocab, np.int64)  # blocks holding each term: its column's length
-        for a, z in spans:
-            t, _, _ = chunk_pairs(a, z)
-            df += np.bincount(t, minlength=n_vocab)
+        df = np.pad(df, (0, n_vocab - len(df)))  # the stop-words-only corpus's empty term
         nnz = int(df.sum())
         idx_dtype = np.int32 if max(nnz, n_docs, n_vocab) <= np.iinfo(np.int32).max else np.int64  # as scipy
         indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
