@@ -1,14 +1,16 @@
 """REALM's Table 2 ablations on the confusable synthetic corpus: each variant changes one thing of the tiny
 recipe (configs/tiny.yaml), same seed and step budget, and runs the whole pipeline of bench/e2e_demo.py
-(prepare -> ICT -> evaluate -> pretrain -> evaluate -> finetune -> evaluate task=openqa, launch.py processes).
+(prepare -> ICT -> pretrain -> evaluate -> finetune -> evaluate task=openqa, launch.py processes).
 
     python bench/ablations.py                          # every variant (hours on 2 CPU cores); resumable
     python bench/ablations.py --variants reference,no_null_doc --seeds 1
     python bench/ablations.py --smoke                  # random 1-layer BERT, 8 steps, two variants (CI)
 
-A variant whose <work>/<variant>-seed<N>/result.json exists is not run again ("skipped" is printed); a
-variant that stopped part-way starts over. Masked-span accuracy is always scored on the held-out statements'
-given answers (unseen people), whatever a variant masks in pre-training.
+A finished variant's result is kept in --record as <variant>-seed<N>.json (default bench/ablation_results/,
+kept in git: a table that takes several sessions of 2 cores survives a fresh checkout); a variant found there
+is not run again ("skipped" is printed), and one that stopped part-way starts over. The run dirs (checkpoints,
+indexes) live under --work and are not needed once the result is recorded. Masked-span accuracy is always
+scored on the held-out statements' given answers (unseen people), whatever a variant masks in pre-training.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, add_common_args, apply_common_args, commit_info, print_table, write_results  # noqa: E402
-from bench.e2e_demo import SMOKE, run_stages  # noqa: E402
+from bench.e2e_demo import SMOKE, STAGES, run_stages  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 
 CORPUS = ["data.synthetic_relations=confusable", "data.synthetic_phrasing=disjoint"]
@@ -33,6 +35,8 @@ VARIANTS = ("reference", "random_spans", "uniform", "stale_index", "sync_refresh
             "no_null_doc")
 MULTI_SEED = ("reference", "stale_index")  # --seeds applies to these; the others run the config's seed once
 SMOKE_VARIANTS = ("reference", "no_null_doc")
+# ICT's own evaluation is left out: frozen_retriever's recall is the ICT retriever's, and no variant reads it
+ABLATION_STAGES = [s for s in STAGES if s != ("evaluate", ["eval.model=ict"])]
 METRICS = ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k", "exact_match")
 
 
@@ -62,10 +66,11 @@ def mean_staleness(run_dir: Path) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def run_variant(name: str, seed: int, config: str, overrides: list[str], work: Path) -> tuple[dict, bool]:
-    """One variant at one seed: its result (read back when result.json exists) and whether it ran now."""
+def run_variant(name: str, seed: int, config: str, overrides: list[str], work: Path,
+                record: Path) -> tuple[dict, bool]:
+    """One variant at one seed: its result (read back when `record` holds it) and whether it ran now."""
     out = work / f"{name}-seed{seed}"
-    done = out / "result.json"
+    done = record / f"{name}-seed{seed}.json"
     if done.is_file():
         return json.loads(done.read_text()), False
     shutil.rmtree(out, ignore_errors=True)  # a variant stopped part-way starts over
@@ -73,7 +78,7 @@ def run_variant(name: str, seed: int, config: str, overrides: list[str], work: P
     run_dir.mkdir(parents=True)
     extra = variant_overrides(name, load_config(config, overrides))
     t0 = time.perf_counter()
-    rows = run_stages(config, [*overrides, *extra, f"seed={seed}"], run_dir)
+    rows = run_stages(config, [*overrides, *extra, f"seed={seed}"], run_dir, ABLATION_STAGES)
     wall = time.perf_counter() - t0
     by_stage = {r["stage"]: r.get("data", {}) for r in rows}
     realm, qa, summary = by_stage["evaluate eval.model=realm"], by_stage["evaluate task=openqa"], by_stage["pretrain"]
@@ -84,8 +89,9 @@ def run_variant(name: str, seed: int, config: str, overrides: list[str], work: P
               "pretrain_s": summary.get("wall_seconds", summary.get("seconds")),
               "mean_staleness": mean_staleness(run_dir),
               "stages": [{k: v for k, v in r.items() if k != "data"} for r in rows]}
+    record.mkdir(parents=True, exist_ok=True)
     tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(done)  # written last: its presence means the variant finished
     return result, True
 
@@ -140,6 +146,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", type=int, default=2, help=f"seeds for {' and '.join(MULTI_SEED)} (the others: 1)")
     p.add_argument("--work", help="where the variants' run dirs live (resumable; default runs/ablations, "
                                   "--smoke: a temp dir)")
+    p.add_argument("--record", help="finished variants' results, read and written (default "
+                                    "bench/ablation_results; --smoke: <work>/results)")
     p.add_argument("--chart", help="bar chart PNG (default docs/ablations.png; --smoke: in --work)")
     p.add_argument("overrides", nargs="*", help="applied to every variant, before its own change")
     a = p.parse_args(argv)
@@ -153,14 +161,15 @@ def main(argv=None) -> list[dict]:
     overrides = [*(SMOKE if a.smoke else []), *(["pretrain.log_every=2"] if a.smoke else []), *CORPUS,
                  *a.overrides, *([f"threads={a.threads}"] if a.threads else [])]
     base = load_config(a.config, overrides)
+    record = Path(a.record) if a.record else (work / "results" if a.smoke else ROOT / "bench" / "ablation_results")
     rows = []
     for name in names:
         seeds = [base.seed + i for i in range(a.seeds if name in MULTI_SEED else 1)]
         results = []
         for seed in seeds:
-            result, ran = run_variant(name, seed, a.config, overrides, work)
+            result, ran = run_variant(name, seed, a.config, overrides, work, record)
             print(f"{'ran' if ran else 'skipped'} {name} seed {seed}: {result['wall_s']:.0f} s"
-                  + ("" if ran else " (result.json exists)"), flush=True)
+                  + ("" if ran else f" (recorded in {record})"), flush=True)
             results.append(result)
         rows.append(table_row(name, results))
     stale_every = base.refresh.every_steps * STALE_FACTOR
@@ -185,7 +194,8 @@ def main(argv=None) -> list[dict]:
                      "skips frozen steps)")
     print_table("REALM ablations", rows)
     write_results("REALM ablations (Table 2)", {"config": Path(a.config).name, "smoke": a.smoke,
-                                                "variants": ",".join(names), "seeds": a.seeds, "work": str(work)},
+                                                "variants": ",".join(names), "seeds": a.seeds, "work": str(work),
+                                                "record": str(record)},
                   rows, a.results, notes=notes)
     chart = bar_chart(rows, Path(a.chart) if a.chart else
                       (work / "ablations.png" if a.smoke else ROOT / "docs" / "ablations.png"))

@@ -1,6 +1,7 @@
 """bench/ablations.py --smoke: both variants in the table with numbers, and a second invocation skips them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,8 @@ def test_ablations_smoke_table_and_resume(tmp_path):
                       )["null_document"] is False
     assert (work / "ablations.png").stat().st_size > 0
 
+    assert json.loads((work / "results" / "reference-seed0.json").read_text())["variant"] == "reference"
+    shutil.rmtree(work / "reference-seed0")  # the recorded result is enough: its run dir is not needed
     second = run_ablations(work, results)  # resume: nothing runs again, the same rows come back
     assert "skipped reference seed 0" in second and "skipped no_null_doc seed 0" in second and "ran " not in second
     assert table(results.read_text(), "variant") == list(rows.values())
