@@ -8,6 +8,7 @@ examples (with `data.eval_split=documents`, sentences of articles pre-training n
 own block is excluded as in pre-training) or `data.eval=FILE`.
   masked-span accuracy  every masked wordpiece of the span predicted by the marginal over the candidates
   span in top-k         the span's wordpieces occur, in order, in one of the k candidates
+  accuracy, span (not) in top-k   masked-span accuracy where it does (does not): reading apart from finding
   recall@k              a candidate is the example's gold document (only where the examples name one)
 Prepends the table to docs/RESULTS.md (machine, commit, date).
 
@@ -35,6 +36,10 @@ RETRIEVERS = [("REALM retriever", []), ("ICT retriever", ["eval.retriever=ict"])
               ("BM25", ["retrieval.mode=bm25"]), ("hybrid: BM25 + REALM (RRF)", ["retrieval.mode=hybrid"])]
 
 
+def blank(value):
+    return "" if value is None else value
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "wiki_vital.yaml"))
@@ -49,15 +54,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = load_config(a.config, ["eval.model=realm", *a.overrides, *extra], "evaluate", pipeline)
         m = evaluate_masked_spans(cfg)
         rows.append({"retriever": name, "masked-span accuracy": m["mlm_accuracy"], "span in top-k": m["span_in_top_k"],
-                     "recall@k": m["retrieval_recall_at_k"] if m["retrieval_recall_at_k"] is not None else ""})
+                     "accuracy, span in top-k": blank(m["mlm_accuracy_span_in_top_k"]),
+                     "accuracy, span not in top-k": blank(m["mlm_accuracy_span_not_in_top_k"]),
+                     "recall@k": blank(m["retrieval_recall_at_k"])})
         null = null or m
         print(markdown_table([rows[-1]]).splitlines()[-1], flush=True)
     rows.append({"retriever": "none (null document only)", "masked-span accuracy": null["mlm_accuracy_no_retrieval"],
-                 "span in top-k": "", "recall@k": ""})
+                 "span in top-k": "", "accuracy, span in top-k": "", "accuracy, span not in top-k": "",
+                 "recall@k": ""})
     config = {"config": a.config, "run_dir": cfg.run_dir, "reader": null["model"], "model_step": null["model_step"],
               "examples": f"{null['n']} ({null['eval_file']})", "k": null["k"]}
     notes = ["one reader (eval.model) for every row; only the candidates change (eval.retriever, retrieval.mode)",
              "span in top-k: the masked span's wordpieces, in order, in one of the k candidates (own block excluded)",
+             "accuracy, span (not) in top-k: masked-span accuracy over the examples whose span was (not) retrieved: "
+             "the reader's reading apart from the retriever's finding",
              "none: the reader given x alone, the null document"]
     command = "python -m bench.heldout_spans " + " ".join(shlex.quote(x) for x in argv or sys.argv[1:])
     write_results(f"Masked spans on held-out text, {Path(a.config).stem}", config, rows, a.results, None, notes,

@@ -183,6 +183,10 @@ def test_documents_held_out_whole_and_another_retriever_for_the_same_reader(tiny
     assert swapped["span_in_top_k"] == ict_only["span_in_top_k"]
     for m in (own, swapped):
         assert 0.0 <= m["span_in_top_k"] <= 1.0
+        # accuracy splits into where the span was retrieved and where it was not, weighted by how often
+        parts = [(m["span_in_top_k"], m["mlm_accuracy_span_in_top_k"]),
+                 (1 - m["span_in_top_k"], m["mlm_accuracy_span_not_in_top_k"])]
+        assert m["mlm_accuracy"] == pytest.approx(sum(w * a for w, a in parts if a is not None))
     with pytest.raises(InputError, match="'eval.retriever': read by task=mlm only"):
         evaluate(tiny_cfg("task=openqa", "eval.retriever=ict"))
 

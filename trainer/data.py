@@ -469,15 +469,20 @@ def ict_batch(store: BlockStore, tok, vocab: Vocab, batch_size: int, rng: np.ran
     return (*pad_batch(queries, vocab.pad), *pad_batch(contexts, vocab.pad))
 
 
-def span_in_candidates(queries: list[MaskedQuery], cand: np.ndarray, store: BlockStore) -> float:
-    """Fraction of queries whose masked tokens occur, in order, in one of their candidate blocks: how often
-    a reader that copies could fill the span from what was retrieved (the retriever's signal)."""
+def span_hits(queries: list[MaskedQuery], cand: np.ndarray, store: BlockStore) -> list[bool]:
+    """For each query: do its masked tokens occur, in order, in one of its candidate blocks? Whether a reader
+    that copies could fill the span from what was retrieved (the retriever's signal)."""
     def contains(block: np.ndarray, span: np.ndarray) -> bool:
         starts = np.flatnonzero(block[:len(block) - len(span) + 1] == span[0])
         return any(np.array_equal(block[s:s + len(span)], span) for s in starts)
 
-    hits = [any(contains(np.asarray(store.tokens(int(c))), q.targets) for c in row if c >= 0)
+    return [any(contains(np.asarray(store.tokens(int(c))), q.targets) for c in row if c >= 0)
             for q, row in zip(queries, cand)]
+
+
+def span_in_candidates(queries: list[MaskedQuery], cand: np.ndarray, store: BlockStore) -> float:
+    """Fraction of queries whose span is in one of their candidates (`span_hits`)."""
+    hits = span_hits(queries, cand, store)
     return float(np.mean(hits)) if hits else 0.0
 
 

@@ -55,21 +55,27 @@ def evaluate_masked_spans(cfg: TrainConfig) -> dict:
                                                               cfg.masking.mode, cfg.masking.random_span_max))]
     if not queries:
         raise InputError(f"{eval_file}: no evaluable examples")
-    correct = correct_null = recall_hits = recall_n = span_hits = 0
+    correct = correct_null = recall_hits = recall_n = span_hits = correct_with_span = 0
     for i in range(0, len(queries), cfg.eval.batch_size):
         qs = queries[i:i + cfg.eval.batch_size]
         cand = retrieve(model, source, run, qs, k)
         batch = D.collate_realm(qs, cand, run.store, run.vocab, cfg.model.reader_max_len).to(run.device)
         token_lp = model.token_log_probs(batch)                              # [B, Z, M, V]
         marginal = marginal_token_log_probs(model.relevance(batch), token_lp)
-        correct += int(spans_correct(marginal, batch.targets, batch.target_mask).sum())
+        right = spans_correct(marginal, batch.targets, batch.target_mask).cpu().numpy().astype(bool)
+        has_span = np.asarray(D.span_hits(qs, cand, run.store), dtype=bool)
+        correct, span_hits = correct + int(right.sum()), span_hits + int(has_span.sum())
+        correct_with_span += int((right & has_span).sum())
         correct_null += int(spans_correct(token_lp[:, 0], batch.targets, batch.target_mask).sum())
-        span_hits += D.span_in_candidates(qs, cand, run.store) * len(qs)
         hits = D.gold_hits(qs, cand)
         recall_n, recall_hits = recall_n + len(hits), recall_hits + sum(hits)
     n = len(queries)
     metrics = {"mlm_accuracy": correct / n, "mlm_accuracy_no_retrieval": correct_null / n,
                "retrieval_recall_at_k": recall_hits / recall_n if recall_n else None, "span_in_top_k": span_hits / n,
+               # the reader's part, apart from the retriever's: accuracy where a copy was possible, and elsewhere
+               "mlm_accuracy_span_in_top_k": correct_with_span / span_hits if span_hits else None,
+               "mlm_accuracy_span_not_in_top_k": (correct - correct_with_span) / (n - span_hits)
+               if n > span_hits else None,
                "k": k, "n": n, "n_with_gold": recall_n, "model": str(model_dir), "model_step": meta.get("step"),
                "retriever": str(retriever_dir),
                "index_version": index.version, "index_kind": cfg.index.kind, "retrieval_mode": cfg.retrieval.mode,
