@@ -6,7 +6,7 @@ Rows per set: BM25 (the store's own index, indexer.lexical: what retrieval.mode=
 the shelf (all its layers, mean-pooled, cosine: no training); each model of the run, models/ict, models/realm
 and the fine-tuned Open-QA models (models/qa, models/qa_ict, ...), searched by its own index (dense); and for
 each fine-tuned model its `hybrid` row: the candidates retrieval.mode=hybrid serves (trainer.index_client.
-CandidateSource: reciprocal rank fusion of the model's and BM25's rankings, each `retrieval.fusion_depth` deep).
+CandidateSource: `retrieval.fusion` of the model's and BM25's rankings, each `retrieval.fusion_depth` deep).
   answer recall@k  an answer string is in one of the top k blocks, title or text (what the reader reads:
                    [CLS] title [SEP] text; trainer.qa.answer_in_text: SQuAD normalization, whole tokens;
                    DPR's top-k accuracy over title + passage), k = 1, 5, 20, 100 (capped at the live blocks)
@@ -148,13 +148,20 @@ def doc_embeddings(run: Run, model, meta: dict) -> np.ndarray:
                         progress=sys.stderr.isatty(), pad_id=run.vocab.pad)
 
 
-def with_mode(system: QASystem, mode: str, cfg: Config) -> QASystem:
+def with_mode(system: QASystem, mode: str) -> QASystem:
     """The same model and index with the candidates of `mode` (what retrieval.mode=<mode> serves), whatever
     retrieval.mode the config sets."""
     out = copy.copy(system)  # shares the model, the index and the doc embeddings
-    out.source = CandidateSource(system.index, system.run.store, mode, cfg.retrieval.fusion_depth,
-                                 cfg.retrieval.rrf_k)
+    out.source = CandidateSource.for_run(system.run, system.index, mode)
     return out
+
+
+def fusion_note(r) -> str:
+    """How retrieval.mode=hybrid fuses, in words (r: the config's retrieval section)."""
+    w = f"BM25 weight {r.bm25_weight:g}, the model's {1 - r.bm25_weight:g}"
+    if r.fusion == "rrf":
+        return f"reciprocal rank fusion, score = sum of w / ({r.rrf_k:g} + rank) ({w})"
+    return f"convex fusion of min-max normalized scores ({w})"
 
 
 @torch.no_grad()
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = off_the_shelf(cfg, run.vocab.size).to(run.device).eval()
     emb = doc_embeddings(run, model, {})
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # cosine: the query's norm does not change its ranking
-    system = with_mode(QASystem(run, model, {}, index=ShardedIndex(emb, dead=run.store.dead)), "dense", cfg)
+    system = with_mode(QASystem(run, model, {}, index=ShardedIndex(emb, dead=run.store.dead)), "dense")
     for qs in sets:
         add(qs, f"{cfg.model.init} off the shelf", "none (mean-pooled, cosine)",
             ranking(system, qs.questions, depth, cfg.eval.batch_size))
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fine_tuned = meta["kind"] == "openqa_model"
         modes = ("dense", "hybrid") if fine_tuned else ("dense",)  # hybrid: what a deployment of it can serve
         for mode in modes:
-            system = with_mode(base, mode, cfg)
+            system = with_mode(base, mode)
             name = f"models/{model_dir.name}" + (" hybrid" if mode == "hybrid" else "")
             training = describe(meta) + (" (retrieval.mode=hybrid)" if mode == "hybrid" else "")
             for qs in sets:
@@ -285,6 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "questions": "; ".join(f"{qs.name}: {len(qs.examples)} ({qs.path})" for qs in sets),
               "model.init": cfg.model.init, "retriever_layers": cfg.model.retriever_layers, "ict.steps": cfg.ict.steps,
               "pretrain.steps": cfg.pretrain.steps, "finetune.steps": cfg.finetune.steps,
+              "retrieval.fusion": cfg.retrieval.fusion, "retrieval.bm25_weight": cfg.retrieval.bm25_weight,
               "retrieval.fusion_depth": cfg.retrieval.fusion_depth, "retrieval.rrf_k": cfg.retrieval.rrf_k,
               "threads": cfg.threads}
     notes = [f"answer recall@k: an answer string in the title or text of one of the top k blocks (SQuAD "
@@ -303,8 +311,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "own index (dense row) or from the hybrid candidates (hybrid row)",
               "BM25: the block store's index (bm25s: Lucene, k1=1.5, b=0.75), English stop words, no stemming, "
               "title + text of each block (retrieval.mode=bm25)",
-              f"hybrid: retrieval.mode=hybrid as served, reciprocal rank fusion, score = sum of 1 / "
-              f"({cfg.retrieval.rrf_k:g} + rank) over the model's and BM25's top {cfg.retrieval.fusion_depth}",
+              f"hybrid: retrieval.mode=hybrid as served: {fusion_note(cfg.retrieval)} over the model's and BM25's "
+              f"top {cfg.retrieval.fusion_depth}",
               f"{cfg.model.init} off the shelf: every layer, mean-pooled, cosine; the run's models: "
               f"first {cfg.model.retriever_layers or 'all'} layers, {cfg.model.retrieval_dim}-d inner product"]
     command = "python -m bench.retrieval_compare " + " ".join(shlex.quote(x) for x in argv or sys.argv[1:])

@@ -75,7 +75,8 @@ _MODEL_SHAPE = ("model.init", "model.retriever_layers", "model.reader_layers", "
                 "model.num_heads", "model.intermediate_size", "model.retrieval_dim", "model.pooling",
                 "model.reader_head", "model.proj_init", "model.proj_init_blocks", "model.proj_init_scale")
 _LENGTHS = ("model.query_max_len", "model.reader_max_len")
-_RETRIEVAL_MODE = ("retrieval.mode", "retrieval.fusion_depth", "retrieval.rrf_k", "index.")
+_RETRIEVAL_MODE = ("retrieval.mode", "retrieval.fusion", "retrieval.bm25_weight", "retrieval.fusion_depth",
+                   "retrieval.rrf_k", "index.")
 _QA_READING = ("eval.model", "finetune.k", "finetune.max_answer_len", "finetune.retrieval", *_RETRIEVAL_MODE,
                *_LENGTHS)
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {

@@ -1,4 +1,4 @@
-"""Lexical retrieval: a BM25 index of a block store (bm25s), and the fusion of two rankings.
+"""Lexical retrieval: a BM25 index of a block store (bm25s).
 
 The BM25 index lives inside the block store it indexes (`<store>/bm25/`), written in the same atomic
 directory before the store's manifest, so it is versioned with the blocks for free: `prepare`,
@@ -12,9 +12,7 @@ maintained, memory-maps its index on load and scores a query with one sparse row
 is ours (build_bm25): bm25s's `index` holds every block's terms and a coordinate copy of the matrix at
 once, ~9x the index, where ours streams to the same files, byte for byte.
 
-Fusion (`retrieval.mode: hybrid`) is reciprocal rank fusion (Cormack et al. 2009): a block's score is
-Σ over rankings of 1 / (c + rank), rank counted from 1, over each ranking's top `depth`. It needs no
-calibration between BM25's and the dense model's scores, which live on unrelated scales.
+Fusing its ranking with the dense model's (`retrieval.mode: hybrid`) is indexer/fusion.py's.
 """
 from __future__ import annotations
 
@@ -223,26 +221,3 @@ class LexicalIndex:
                 if j == k:
                     break
         return scores, ids
-
-
-def reciprocal_rank_fusion(rankings: list[np.ndarray], k: int, c: float = 60.0,
-                           weights: list[float] | None = None) -> np.ndarray:
-    """Fuse rankings (each [B, depth] block ids, best first, -1 = none) into [B, k] ids (-1 padded): a block's
-    score is Σ w / (c + rank) over the rankings it appears in (w = 1 unless `weights` gives one a ranking;
-    bench/fusion_weights.py); ties go to the block ranked first in the earliest ranking."""
-    weights = weights or [1.0] * len(rankings)
-    B = rankings[0].shape[0]
-    out = np.full((B, k), -1, np.int64)
-    for b in range(B):
-        score: dict[int, float] = {}
-        first_seen: dict[int, tuple[int, int]] = {}
-        for r, (ranking, w) in enumerate(zip(rankings, weights)):
-            for rank, block in enumerate(ranking[b]):
-                block = int(block)
-                if block < 0:
-                    continue
-                score[block] = score.get(block, 0.0) + w / (c + rank + 1)
-                first_seen.setdefault(block, (r, rank))
-        fused = sorted(score, key=lambda z: (-score[z], first_seen[z]))[:k]
-        out[b, :len(fused)] = fused
-    return out

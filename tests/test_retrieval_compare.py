@@ -87,3 +87,27 @@ def test_compare_two_question_sets_without_gold(tmp_path):
             top1 = np.mean([answer_in_text(served.run.store.text(r["top_k"][0]), ex.answers)
                             for r, ex in zip(records, examples)])
             assert row["answer recall@1"] == pytest.approx(top1), (mode, name)
+
+    # bench/fusion_weights.py on the same run: at BM25 weight 0 either fusion is the dense row, and rrf at 0.5 is
+    # the hybrid row retrieval.mode=hybrid serves by default; the setting it names is one of its own rows
+    import bench.fusion_weights as fw
+
+    first = {name: write_jsonl(tmp_path / f"{name}_30.jsonl", open(data[name]).read().splitlines()[:30])
+             for name in SETS}
+    fw_rows = fw.main(["--config", config, "--results", str(results), "--models", "qa_ict", "--fit", "nq_dev",
+                       "--weights", "0,0.5,1", *(f"--questions={name}={first[name]}" for name in SETS), *overrides])
+    cols = ["answer recall@1", "answer recall@5", "answer recall@20"]
+    assert len(fw_rows) == len(SETS) * 2 * 3
+    for fw_row in fw_rows:
+        name = fw_row["questions"].split(" (")[0]
+        same_as = {0.0: "models/qa_ict", 0.5: "models/qa_ict hybrid" if fw_row["fusion"] == "rrf" else None}
+        if (other := same_as.get(fw_row["BM25 weight"])) is not None:
+            assert [fw_row[c] for c in cols] == pytest.approx([by_name[(name, other)][c] for c in cols]), fw_row
+    bm25_only = {(r["questions"], r["fusion"]): [r[c] for c in cols] for r in fw_rows if r["BM25 weight"] == 1.0}
+    for name in SETS:  # at weight 1 BM25's first block leads (where BM25 matches nothing, a dense one may)
+        key = next(q for q, _ in bm25_only if q.startswith(name))
+        for fusion in ("rrf", "convex"):
+            assert bm25_only[(key, fusion)][0] >= by_name[(name, "BM25 (bm25s)")]["answer recall@1"] - 1e-9
+    section = results.read_text().split("\n## ")[1]
+    assert section.startswith("Hybrid fusion and BM25 weight") and "- note: qa_ict: best answer recall@5 on nq_dev: " \
+        "retrieval.fusion=" in section

@@ -14,7 +14,8 @@ from core.errors import InputError
 from core.files import verify_manifest
 from indexer.blocks import BLOCK_SCHEMA, BlockStore
 from indexer.corpus_versions import current_store_dir
-from indexer.lexical import LexicalIndex, build_bm25, reciprocal_rank_fusion
+from indexer.fusion import convex_fusion, fuse, reciprocal_rank_fusion
+from indexer.lexical import LexicalIndex, build_bm25
 from tests.conftest import ROOT, small_qa_run, write_jsonl
 
 LENGTHS = ["model.query_max_len=32", "model.reader_max_len=96", "threads=2"]
@@ -97,6 +98,27 @@ def test_reciprocal_rank_fusion():
     # 7 and 9 (1/61 + 1/63 each) edge out 8, second in both (2/62); of the tie, the dense list's first wins
     assert fused[1].tolist() == [7, 9, 8, -1]
     assert reciprocal_rank_fusion([dense[:, :1], np.full((2, 1), -1)], 3).tolist() == [[5, -1, -1], [7, -1, -1]]
+    # weights: BM25's list alone decides at dense weight 0 (the dense-only blocks after it, in dense order)
+    assert reciprocal_rank_fusion([dense, lexical], 4, weights=[0.0, 1.0])[0].tolist() == [1, 3, 5, 2]
+
+
+def test_convex_fusion_keeps_how_far_apart_the_scores_are():
+    dense_ids = np.array([[5, 1, 2, -1]])
+    dense_scores = np.array([[0.9, 0.8, 0.7, -np.inf]])      # min-max: 5 -> 1, 1 -> 0.5, 2 -> 0
+    bm25_ids = np.array([[3, 1, 2, -1]])
+    bm25_scores = np.array([[20.0, 2.0, 0.0, -np.inf]])      # min-max: 3 -> 1, 1 -> 0.1, 2 -> 0
+    # equal weights: 5 and 3 tie at 0.5 (the dense list's first wins), then 1 (0.5 * 0.5 + 0.5 * 0.1 = 0.3), 2
+    assert convex_fusion([dense_scores, bm25_scores], [dense_ids, bm25_ids], 4).tolist() == [[5, 3, 1, 2]]
+    # RRF sees only ranks: 1 and 2, in both lists, beat both firsts
+    assert reciprocal_rank_fusion([dense_ids, bm25_ids], 4).tolist() == [[1, 2, 5, 3]]
+    # BM25 weighted 0.7: its far-ahead first block leads
+    fused = fuse("convex", (dense_scores, dense_ids), (bm25_scores, bm25_ids), 2, bm25_weight=0.7)
+    assert fused.tolist() == [[3, 5]]
+    # a list whose scores are all equal gives each of its blocks 1; an empty one adds nothing
+    assert convex_fusion([np.array([[1.0, 1.0]]), np.full((1, 2), -np.inf)], [np.array([[4, 6]]), np.full((1, 2), -1)],
+                         3).tolist() == [[4, 6, -1]]
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse("max", (dense_scores, dense_ids), (bm25_scores, bm25_ids), 2)
 
 
 # ---- built by prepare, versioned with the store ------------------------------------------------------
@@ -155,6 +177,11 @@ def test_qa_system_reads_the_candidates_of_its_mode(trained):
     assert [p["top_k"] for p in preds["dense"]] == dense_ids[:, :k].tolist()
     assert [p["top_k"] for p in preds["bm25"]] == bm25_ids[:, :k].tolist()
     assert [p["top_k"] for p in preds["hybrid"]] == reciprocal_rank_fusion([dense_ids, bm25_ids], k).tolist()
+    convex = load_qa_system(cfg_for(trained["run"], "query", "retrieval.mode=hybrid", "retrieval.fusion=convex",
+                                    "retrieval.bm25_weight=0.3", f"finetune.k={k}"), "auto")
+    expected = fuse("convex", dense_sys.index.search(emb, 100), LexicalIndex(dense_sys.run.store.bm25_dir).search(
+        questions, 100), k, 0.3)
+    assert [p["top_k"] for p in convex.predict(questions, k, 5)] == expected.tolist()
     for p in preds["bm25"]:  # p(z|x) is the model's own inner product over the BM25 candidates
         assert np.isclose(sum(p["p_z"]), 1.0)
         assert np.isfinite(p["scores"]).tolist() == [b >= 0 for b in p["top_k"]]  # fewer matches: -1, p(z|x) 0
@@ -190,7 +217,9 @@ def test_evaluate_and_query_follow_the_mode(trained, tmp_path):
 @pytest.mark.parametrize("overrides,key", [(["retrieval.mode=sparse"], "retrieval.mode"),
                                            (["retrieval.mode=bm25", "finetune.retrieval=random"], "retrieval.mode"),
                                            (["retrieval.fusion_depth=0"], "retrieval.fusion_depth"),
-                                           (["retrieval.rrf_k=-1"], "retrieval.rrf_k")])
+                                           (["retrieval.rrf_k=-1"], "retrieval.rrf_k"),
+                                           (["retrieval.fusion=max"], "retrieval.fusion"),
+                                           (["retrieval.bm25_weight=1.5"], "retrieval.bm25_weight")])
 def test_bad_retrieval_settings_fail_in_one_line(overrides, key):
     with pytest.raises(InputError) as e:
         load_config(ROOT / "configs" / "tiny.yaml", overrides, "query")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from core.errors import InputError
 from core.schema import check_choices, check_positive
+from indexer.fusion import FUSIONS
 from indexer.synthetic import PHRASINGS, RELATIONS
 
 POOLINGS = ("cls", "mean", "cls_l2", "mean_l2")  # trainer.model.Tower: how a tower turns BERT states into one vector
@@ -91,11 +92,14 @@ class ModelConfig:
 class RetrievalConfig:
     k: int = 8                     # candidates per query in pre-training (null doc added on top)
     # Where the candidates of a question (finetune, evaluate, query, explain, serve) come from: dense (the
-    # model's index) | bm25 (the store's BM25 index) | hybrid (reciprocal rank fusion of the two). p(z|x) over
-    # the candidates is always the model's own inner products, so the reader reads whatever the mode retrieves.
+    # model's index) | bm25 (the store's BM25 index) | hybrid (a fusion of the two, indexer/fusion.py). p(z|x)
+    # over the candidates is always the model's own inner products, so the reader reads whatever the mode retrieves.
     mode: str = "dense"
+    fusion: str = "rrf"            # hybrid: rrf (reciprocal rank) | convex (min-max normalized scores)
+    bm25_weight: float = 0.5       # hybrid: BM25's share alpha of the fused score, the dense model's 1 - alpha;
+                                   # fit it on training questions (bench/fusion_weights.py), never on test ones
     fusion_depth: int = 100        # hybrid: how deep each ranking is read before fusing
-    rrf_k: float = 60.0            # hybrid: the constant c in 1 / (c + rank) (Cormack et al. 2009)
+    rrf_k: float = 60.0            # hybrid, rrf: the constant c in 1 / (c + rank) (Cormack et al. 2009)
 
 
 @dataclass
@@ -242,6 +246,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     })
     if cfg.retrieval.rrf_k < 0:
         raise InputError(f"config key 'retrieval.rrf_k': must not be negative, got {cfg.retrieval.rrf_k}")
+    if not 0.0 <= cfg.retrieval.bm25_weight <= 1.0:
+        raise InputError(f"config key 'retrieval.bm25_weight': BM25's share of the fused score, from 0 to 1, got "
+                         f"{cfg.retrieval.bm25_weight}")
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
     check_choices({"masking.mode": (cfg.masking.mode, MASKING_MODES),
@@ -258,6 +265,7 @@ def check_train_config(cfg: TrainConfig) -> None:
                    "task": (cfg.task, ("mlm", "openqa")),
                    "finetune.retrieval": (cfg.finetune.retrieval, ("index", "random")),
                    "retrieval.mode": (cfg.retrieval.mode, RETRIEVAL_MODES),
+                   "retrieval.fusion": (cfg.retrieval.fusion, FUSIONS),
                    "index.kind": (cfg.index.kind, INDEX_KINDS),
                    "data.eval_split": (cfg.data.eval_split, ("sentences", "documents")),
                    "device": (cfg.device, ("auto", "cpu", "cuda")),

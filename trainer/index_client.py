@@ -18,7 +18,8 @@ import torch
 from indexer.approx import IndexSpec
 from indexer.blocks import BlockStore
 from indexer.embed import embed_blocks
-from indexer.lexical import LexicalIndex, reciprocal_rank_fusion
+from indexer.fusion import fuse
+from indexer.lexical import LexicalIndex
 from indexer.shards import ShardedIndex
 from indexer.versions import IndexVersion, IndexVersions
 from trainer import data as D
@@ -58,18 +59,21 @@ def refresh_due(step: int, every: int, total: int, frozen_steps: int) -> bool:
 
 class CandidateSource:
     """A question's top-k block ids by `retrieval.mode`: dense (the model's index), bm25 (the store's BM25
-    index, indexer.lexical) or hybrid (reciprocal rank fusion of both rankings, each read `fusion_depth`
-    deep). Only the candidates change with the mode: p(z|x) over them is the model's own score, so the
-    reader reads whatever the mode retrieves. Pre-training always searches the model's index."""
+    index, indexer.lexical) or hybrid (`retrieval.fusion` of both rankings, each read `fusion_depth` deep,
+    indexer.fusion). Only the candidates change with the mode: p(z|x) over them is the model's own score, so
+    the reader reads whatever the mode retrieves. Pre-training always searches the model's index."""
 
-    def __init__(self, index, store: BlockStore, mode: str = "dense", fusion_depth: int = 100, rrf_k: float = 60.0):
+    def __init__(self, index, store: BlockStore, mode: str = "dense", fusion_depth: int = 100, rrf_k: float = 60.0,
+                 fusion: str = "rrf", bm25_weight: float = 0.5):
         self.index, self.mode, self.fusion_depth, self.rrf_k = index, mode, fusion_depth, rrf_k
+        self.fusion, self.bm25_weight = fusion, bm25_weight
         self.lexical = LexicalIndex(store.bm25_dir) if mode != "dense" else None
 
     @classmethod
-    def for_run(cls, run: Run, index) -> CandidateSource:
+    def for_run(cls, run: Run, index, mode: str | None = None) -> CandidateSource:
+        """The run config's retrieval settings, with `mode` instead of retrieval.mode where given."""
         r = run.cfg.retrieval
-        return cls(index, run.store, r.mode, r.fusion_depth, r.rrf_k)
+        return cls(index, run.store, mode or r.mode, r.fusion_depth, r.rrf_k, r.fusion, r.bm25_weight)
 
     def search(self, emb: np.ndarray, texts: list[str], k: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """emb [B, dim] (the query tower's), texts [B] (the same queries as text) -> ids [B, k] int64, -1 padded;
@@ -79,8 +83,8 @@ class CandidateSource:
         if self.mode == "bm25":
             return self.lexical.search(texts, k, exclude)[1]
         depth = max(k, self.fusion_depth)
-        return reciprocal_rank_fusion([self.index.search(emb, depth, exclude)[1],
-                                       self.lexical.search(texts, depth, exclude)[1]], k, self.rrf_k)
+        return fuse(self.fusion, self.index.search(emb, depth, exclude), self.lexical.search(texts, depth, exclude),
+                    k, self.bm25_weight, self.rrf_k)
 
 
 @torch.no_grad()
