@@ -37,6 +37,7 @@ MULTI_SEED = ("reference", "stale_index")  # --seeds applies to these; the other
 SMOKE_VARIANTS = ("reference", "no_null_doc")
 # ICT's own evaluation is left out: frozen_retriever's recall is the ICT retriever's, and no variant reads it
 ABLATION_STAGES = [s for s in STAGES if s != ("evaluate", ["eval.model=ict"])]
+SPREAD = (("mlm_acc", "mlm_accuracy"), ("recall@k", "retrieval_recall_at_k"), ("openqa_em", "exact_match"))
 METRICS = ("mlm_accuracy", "mlm_accuracy_no_retrieval", "retrieval_recall_at_k", "exact_match")
 
 
@@ -104,8 +105,10 @@ def table_row(name: str, results: list[dict]) -> dict:
     row = {"variant": name, "seeds": len(results), "changes": " ".join(results[0]["overrides"]) or "-"}
     row.update({"mlm_acc": mean("mlm_accuracy"), "mlm_acc_no_retrieval": mean("mlm_accuracy_no_retrieval"),
                 "recall@k": mean("retrieval_recall_at_k"), "openqa_em": mean("exact_match")})
-    if len(results) > 1:
-        row["em_range"] = (max(r["exact_match"] for r in results) - min(r["exact_match"] for r in results))
+    # run-to-run spread (max - min over the seeds) of each learning metric; empty for a single seed
+    for key, metric in SPREAD:
+        vals = [r[metric] for r in results if r.get(metric) is not None]
+        row[f"{key}_spread"] = max(vals) - min(vals) if len(vals) > 1 else None
     row.update({"wall_min": mean("wall_s") / 60, "pretrain_s": mean("pretrain_s"), "blocked_s": mean("blocked_s"),
                 "refreshes": mean("refreshes"), "mean_staleness": mean("mean_staleness"),
                 # a resumed table gathers variants run at different times: each one's code is named
@@ -125,10 +128,12 @@ def bar_chart(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.5))
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
-        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=label)
+        spread = [(r.get(f"{key}_spread") or 0) / 2 for r in rows]  # half the seeds' range either side of the mean
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=label,
+               yerr=spread, capsize=2)
     ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20)
     ax.set_ylim(0, 1)
-    ax.set_title("REALM ablations (held-out people)")
+    ax.set_title("REALM ablations (held-out people; whiskers: range over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +183,8 @@ def main(argv=None) -> list[dict]:
              "mlm_acc: every masked wordpiece of a held-out statement's answer right (people unseen in pre-training), "
              "under the marginal over the top-k (and the null document unless no_null_doc); recall@k: the "
              "person's document in the top-k; openqa_em: exact match after fine-tuning, held-out people",
+             "*_spread: max - min of that metric over the variant's seeds (n/a for one seed): the run-to-run "
+             "spread a difference between variants is read against",
              "blocked_s: trainer seconds spent waiting on refreshes (refresh_blocked + staleness_wait); "
              "mean_staleness: doc-tower updates the index had not seen, mean over the logged steps"]
     if "stale_index" in names and stale_every >= base.pretrain.steps:

@@ -3,8 +3,8 @@
 retrieval.mode=hybrid fuses the model's and BM25's rankings (indexer/fusion.py): `retrieval.fusion` rrf
 (reciprocal rank) or convex (min-max normalized scores), BM25's share `retrieval.bm25_weight` = alpha, the
 model's 1 - alpha. This measures every pair per question set and fine-tuned model, and names the pair that
-maximizes answer recall@5 on the set given as --fit (training questions): choose on training questions, read
-the others, never the reverse.
+maximizes answer recall@5 on the set given as --fit (training questions; ties: recall@20, then @1; only
+0 < alpha < 1, a mixture): choose on training questions, read the others, never the reverse.
 
     python -m bench.fusion_weights --config configs/wiki_vital.yaml --models qa qa_ict --fit nq_train \
         --questions nq_train=../shared/data/wiki_vital/nq_train.jsonl \
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_table, write_results  # noqa: E402
 from bench.retrieval_compare import HEADER, AnswerHits, doc_embeddings, question_spec, with_mode  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from core.files import atomic_write_bytes  # noqa: E402
 from indexer.fusion import FUSIONS, fuse  # noqa: E402
 from indexer.lexical import LexicalIndex  # noqa: E402
 from indexer.shards import ShardedIndex  # noqa: E402
@@ -58,6 +59,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=["qa"], help="fine-tuned models under run_dir/models")
     p.add_argument("--questions", action="append", type=question_spec, required=True, help="NAME=PATH; repeatable")
     p.add_argument("--fit", help="the question set (a --questions NAME) whose best recall@5 picks the setting")
+    p.add_argument("--write-overrides", metavar="FILE", help="with --fit: write the first model's best setting "
+                   "as config overrides (retrieval.fusion=... retrieval.bm25_weight=...), one line, for a script")
     p.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6", help="BM25 weights alpha, comma-separated")
     p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"))
     p.add_argument("overrides", nargs="*")
@@ -70,6 +73,8 @@ def main(argv=None) -> list[dict]:
     sets = {name: read_qa(path) for name, path in a.questions}
     if a.fit and a.fit not in sets:
         p.error(f"--fit: {a.fit} is not a --questions name ({', '.join(sets)})")
+    if a.write_overrides and not a.fit:
+        p.error("--write-overrides: needs --fit (the question set the setting is chosen on)")
     bm25 = LexicalIndex(run.store.bm25_dir)
     lexical = {name: bm25.search([e.question for e in exs], DEPTH) for name, exs in sets.items()}
     rows, notes = [], []
@@ -88,10 +93,16 @@ def main(argv=None) -> list[dict]:
                                  "BM25 weight": w, "answer recall@1": float(curve[0]),
                                  "answer recall@5": float(curve[4]), "answer recall@20": float(curve[19])})
         if a.fit:
-            fit = [r for r in rows if r["model"] == name and r["questions"].startswith(f"{a.fit} (")]
-            best = max(fit, key=lambda r: (r["answer recall@5"], r["answer recall@20"]))
-            notes.append(f"{name}: best answer recall@5 on {a.fit}: retrieval.fusion={best['fusion']} "
-                         f"retrieval.bm25_weight={best['BM25 weight']:g} ({best['answer recall@5']:.3f})")
+            # a mixture: at alpha 0 or 1 "hybrid" would be one retriever alone
+            fit = [r for r in rows if r["model"] == name and r["questions"].startswith(f"{a.fit} (")
+                   and 0 < r["BM25 weight"] < 1]
+            if not fit:
+                p.error(f"--fit: --weights has no BM25 weight strictly between 0 and 1 ({a.weights})")
+            best = max(fit, key=lambda r: (r["answer recall@5"], r["answer recall@20"], r["answer recall@1"]))
+            chosen = f"retrieval.fusion={best['fusion']} retrieval.bm25_weight={best['BM25 weight']:g}"
+            notes.append(f"{name}: best answer recall@5 on {a.fit}: {chosen} ({best['answer recall@5']:.3f})")
+            if a.write_overrides and name == a.models[0]:
+                atomic_write_bytes(Path(a.write_overrides), (chosen + "\n").encode())
     config = {"config": a.config, "run_dir": cfg.run_dir, "rrf_k": cfg.retrieval.rrf_k, "depth": DEPTH}
     notes.append("BM25 weight 0 = the dense model alone (either fusion); rrf at 0.5 = both rankings alike")
     print_table("Hybrid fusion and BM25 weight", rows)

@@ -33,7 +33,7 @@ from trainer.evaluate import evaluate_masked_spans  # noqa: E402
 
 # (row, overrides): the reader stays eval.model's; only the candidates change
 RETRIEVERS = [("REALM retriever", []), ("ICT retriever", ["eval.retriever=ict"]),
-              ("BM25", ["retrieval.mode=bm25"]), ("hybrid: BM25 + REALM (RRF)", ["retrieval.mode=hybrid"])]
+              ("BM25", ["retrieval.mode=bm25"]), ("hybrid: BM25 + REALM", ["retrieval.mode=hybrid"])]
 
 
 def blank(value):
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     config = {"config": a.config, "run_dir": cfg.run_dir, "reader": null["model"], "model_step": null["model_step"],
               "examples": f"{null['n']} ({null['eval_file']})", "k": null["k"]}
     notes = ["one reader (eval.model) for every row; only the candidates change (eval.retriever, retrieval.mode)",
+             f"hybrid: retrieval.fusion={cfg.retrieval.fusion}, retrieval.bm25_weight={cfg.retrieval.bm25_weight:g}",
              "span in top-k: the masked span's wordpieces, in order, in one of the k candidates (own block excluded)",
              "accuracy, span (not) in top-k: masked-span accuracy over the examples whose span was (not) retrieved: "
              "the reader's reading apart from the retriever's finding",

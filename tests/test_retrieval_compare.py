@@ -95,7 +95,8 @@ def test_compare_two_question_sets_without_gold(tmp_path):
     first = {name: write_jsonl(tmp_path / f"{name}_30.jsonl", open(data[name]).read().splitlines()[:30])
              for name in SETS}
     fw_rows = fw.main(["--config", config, "--results", str(results), "--models", "qa_ict", "--fit", "nq_dev",
-                       "--weights", "0,0.5,1", *(f"--questions={name}={first[name]}" for name in SETS), *overrides])
+                       "--weights", "0,0.5,1", "--write-overrides", str(tmp_path / "fusion.txt"),
+                       *(f"--questions={name}={first[name]}" for name in SETS), *overrides])
     cols = ["answer recall@1", "answer recall@5", "answer recall@20"]
     assert len(fw_rows) == len(SETS) * 2 * 3
     for fw_row in fw_rows:
@@ -109,5 +110,12 @@ def test_compare_two_question_sets_without_gold(tmp_path):
         for fusion in ("rrf", "convex"):
             assert bm25_only[(key, fusion)][0] >= by_name[(name, "BM25 (bm25s)")]["answer recall@1"] - 1e-9
     section = results.read_text().split("\n## ")[1]
-    assert section.startswith("Hybrid fusion and BM25 weight") and "- note: qa_ict: best answer recall@5 on nq_dev: " \
-        "retrieval.fusion=" in section
+    chosen = (tmp_path / "fusion.txt").read_text().strip()
+    assert section.startswith("Hybrid fusion and BM25 weight")
+    assert f"- note: qa_ict: best answer recall@5 on nq_dev: {chosen} (" in section
+    fusion, weight = (kv.split("=")[1] for kv in chosen.split())  # the overrides a config takes
+    assert load_config(config, [*overrides, *chosen.split()]).retrieval.bm25_weight == float(weight)
+    fit_rows = [r for r in fw_rows if r["questions"].startswith("nq_dev (") and 0 < r["BM25 weight"] < 1]
+    best = max(r["answer recall@5"] for r in fit_rows)
+    assert any(r["fusion"] == fusion and r["BM25 weight"] == float(weight) and r["answer recall@5"] == best
+               for r in fit_rows)

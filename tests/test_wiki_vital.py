@@ -55,9 +55,18 @@ def test_recipe_runs_end_to_end_and_writes_both_tables(tmp_path):
     text = results.read_text()
     assert text.startswith(HEADER)
     # newest first: the comparison ran last
-    assert text.index("## Retrieval comparison, wiki_vital") < text.index("## Masked spans on held-out text")
+    assert text.index("## Retrieval comparison, wiki_vital") < text.index("## Hybrid fusion and BM25 weight") \
+        < text.index("## Masked spans on held-out text")
+    # the comparison's hybrid rows use the fusion fitted on nq_train
+    fusion = text[text.index("## Hybrid fusion"):text.index("## Masked spans")]
+    chosen = fusion.split("- note: qa: best answer recall@5 on nq_train: ")[1].split(" (")[0]
+    setting = dict(kv.split("=") for kv in chosen.split())
+    line = text[:text.index("## Hybrid fusion")].split("- config: ")[1].split("\n")[0]
+    compared = dict(kv.split("=", 1) for kv in line.split(", ") if kv.startswith("retrieval."))
+    assert compared["retrieval.fusion"] == setting["retrieval.fusion"], (chosen, line)
+    assert float(compared["retrieval.bm25_weight"]) == float(setting["retrieval.bm25_weight"]), (chosen, line)
     spans = {r["retriever"]: r for r in table(text[text.index("## Masked spans"):], "retriever")}
-    assert list(spans) == ["REALM retriever", "ICT retriever", "BM25", "hybrid: BM25 + REALM (RRF)",
+    assert list(spans) == ["REALM retriever", "ICT retriever", "BM25", "hybrid: BM25 + REALM",
                            "none (null document only)"]
     for name, row in spans.items():
         assert 0 <= float(row["masked-span accuracy"]) <= 1
