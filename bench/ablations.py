@@ -72,8 +72,13 @@ def run_variant(name: str, seed: int, config: str, overrides: list[str], work: P
     """One variant at one seed: its result (read back when `record` holds it) and whether it ran now."""
     out = work / f"{name}-seed{seed}"
     done = record / f"{name}-seed{seed}.json"
+    recipe = {"config": Path(config).name, "overrides": overrides}  # what every variant shares
     if done.is_file():
-        return json.loads(done.read_text()), False
+        result = json.loads(done.read_text())
+        if result.get("recipe") != recipe:  # never a table that mixes recipes
+            raise SystemExit(f"{done}: recorded for {result.get('recipe')}, not this run's {recipe}: give another "
+                             f"--record directory (or delete the file to run it again)")
+        return result, False
     shutil.rmtree(out, ignore_errors=True)  # a variant stopped part-way starts over
     run_dir = out / "run"
     run_dir.mkdir(parents=True)
@@ -83,7 +88,8 @@ def run_variant(name: str, seed: int, config: str, overrides: list[str], work: P
     wall = time.perf_counter() - t0
     by_stage = {r["stage"]: r.get("data", {}) for r in rows}
     realm, qa, summary = by_stage["evaluate eval.model=realm"], by_stage["evaluate task=openqa"], by_stage["pretrain"]
-    result = {"variant": name, "seed": seed, "overrides": extra, "wall_s": wall, "commit": commit_info(),
+    result = {"variant": name, "seed": seed, "recipe": recipe, "overrides": extra, "wall_s": wall,
+              "commit": commit_info(),
               **{k: realm.get(k) for k in METRICS[:3]}, "exact_match": qa.get("exact_match"),
               "qa_recall_at_k": qa.get("retrieval_recall_at_k"), "refreshes": summary.get("refreshes"),
               "blocked_s": summary.get("refresh_blocked", 0) + summary.get("staleness_wait", 0),

@@ -9,13 +9,13 @@ from core.env import OFFLINE_ENV
 from tests.test_bench_smoke import ROOT, check_section, table
 
 
-def run_ablations(work, results):
+def run_ablations(work, results, *overrides, ok=True):
     env = dict(os.environ, **OFFLINE_ENV, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ablations.py"), "--smoke", "--device", "cpu",
-                           "--seeds", "1", "--work", str(work), "--results", str(results)],
+                           "--seeds", "1", "--work", str(work), "--results", str(results), *overrides],
                           check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"ablations failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, f"ablations:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def test_ablations_smoke_table_and_resume(tmp_path):
@@ -42,3 +42,6 @@ def test_ablations_smoke_table_and_resume(tmp_path):
     second = run_ablations(work, results)  # resume: nothing runs again, the same rows come back
     assert "skipped reference seed 0" in second and "skipped no_null_doc seed 0" in second and "ran " not in second
     assert table(results.read_text(), "variant") == list(rows.values())
+    # a recorded result belongs to its recipe: another one is refused, never mixed into the table
+    out = run_ablations(work, results, "data.synthetic_entities=30", ok=False)
+    assert "reference-seed0.json: recorded for" in out and "give another --record directory" in out
