@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, add_common_args, apply_common_args, commit_info, print_table, write_results  # noqa: E402
 from bench.e2e_demo import SMOKE, STAGES, run_stages  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from core.files import atomic_write_json  # noqa: E402
 
 CORPUS = ["data.synthetic_relations=confusable", "data.synthetic_phrasing=disjoint"]
 STALE_FACTOR = 30
@@ -97,9 +98,7 @@ def run_variant(name: str, seed: int, config: str, overrides: list[str], work: P
               "mean_staleness": mean_staleness(run_dir),
               "stages": [{k: v for k, v in r.items() if k != "data"} for r in rows]}
     record.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(done)  # written last: its presence means the variant finished
+    atomic_write_json(done, result)  # written last: its presence means the variant finished
     return result, True
 
 

@@ -19,13 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from bench.common import print_table, write_results  # noqa: E402
-from bench.retrieval_compare import HEADER, AnswerHits, doc_embeddings, question_spec, with_mode  # noqa: E402
+from bench.retrieval_compare import HEADER, AnswerHits, doc_embeddings, question_spec, scored_ranking, with_mode  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from core.files import atomic_write_bytes  # noqa: E402
 from indexer.fusion import FUSIONS, fuse  # noqa: E402
@@ -37,20 +35,6 @@ from trainer.qa_system import QASystem  # noqa: E402
 from trainer.run import Run  # noqa: E402
 
 DEPTH = 100
-
-
-def dense_lists(system: QASystem, questions: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and ids [N, DEPTH] of the model's own index for each question."""
-    from indexer.embed import pad_batch
-
-    scores, ids = [], []
-    for i in range(0, len(questions), batch_size):
-        q_ids, q_mask = pad_batch(system.encode_questions(questions[i:i + batch_size]), system.run.vocab.pad)
-        emb = system.model.retriever.embed_queries(q_ids.to(system.run.device), q_mask.to(system.run.device))
-        s, z = system.index.search(emb.detach().float().cpu().numpy(), DEPTH)
-        scores.append(s)
-        ids.append(z)
-    return np.concatenate(scores), np.concatenate(ids)
 
 
 def main(argv=None) -> list[dict]:
@@ -84,7 +68,7 @@ def main(argv=None) -> list[dict]:
         index = ShardedIndex(doc_embeddings(run, model, meta), dead=run.store.dead)
         system = with_mode(QASystem(run, model, meta, index=index), "dense")
         for set_name, exs in sets.items():
-            dense = dense_lists(system, [e.question for e in exs], cfg.eval.batch_size)
+            dense = scored_ranking(system, [e.question for e in exs], DEPTH, cfg.eval.batch_size)
             hits = AnswerHits(run.store, exs)
             for fusion in FUSIONS:
                 for w in weights:

@@ -165,14 +165,25 @@ def fusion_note(r) -> str:
 
 
 @torch.no_grad()
-def ranking(system: QASystem, questions: list[str], k: int, batch_size: int) -> np.ndarray:
-    """The top k block ids of each question as system.source ranks them (dense, bm25 or hybrid)."""
-    out = []
+def scored_ranking(system: QASystem, questions: list[str], k: int, batch_size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The top k blocks of each question as system.source ranks them (dense, bm25 or hybrid): the model's
+    scores [N, k] float32 (-inf past the candidates) and block ids [N, k]."""
+    scores, ids = [], []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i:i + batch_size]
         q_ids, q_mask = pad_batch(system.encode_questions(chunk), system.run.vocab.pad)
-        out.append(system.relevance(q_ids, q_mask, k, questions=chunk)[1])
-    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+        s, z = system.relevance(q_ids, q_mask, k, questions=chunk)
+        scores.append(s.float().cpu().numpy())
+        ids.append(z)
+    if not ids:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate(scores), np.concatenate(ids)
+
+
+def ranking(system: QASystem, questions: list[str], k: int, batch_size: int) -> np.ndarray:
+    """The top k block ids of each question as system.source ranks them (dense, bm25 or hybrid)."""
+    return scored_ranking(system, questions, k, batch_size)[1]
 
 
 def exact_match_rate(system: QASystem, qs: QuestionSet, cfg: Config) -> float:
