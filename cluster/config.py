@@ -73,7 +73,8 @@ def valid_keys() -> list[str]:
 _COMPUTE = ("run_dir", "device", "threads")
 _MODEL_SHAPE = ("model.init", "model.retriever_layers", "model.reader_layers", "model.hidden_size",
                 "model.num_heads", "model.intermediate_size", "model.retrieval_dim", "model.pooling",
-                "model.reader_head", "model.proj_init", "model.proj_init_blocks", "model.proj_init_scale")
+                "model.reader_head", "model.copy_layer", "model.copy_init", "model.proj_init", "model.proj_init_blocks",
+                "model.proj_init_scale")
 _LENGTHS = ("model.query_max_len", "model.reader_max_len")
 _RETRIEVAL_MODE = ("retrieval.mode", "retrieval.fusion", "retrieval.bm25_weight", "retrieval.fusion_depth",
                    "retrieval.rrf_k", "index.")

@@ -93,16 +93,21 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("masking.mode=whole", "'masking.mode': expected one of salient, random"),
     ("data.synthetic_relations=hard", "'data.synthetic_relations': expected one of basic, confusable"),
     ("model.reader_head=pointer", "'model.reader_head': expected one of mlm, copy"),
+    ("model.copy_init=eye", "'model.copy_init': expected one of random, identity"),
+    ("model.copy_layer=7", "'model.copy_layer': a reader layer from 1 to 6, or 0 for the last, got 7"),
+    ("model.copy_layer=-1", "'model.copy_layer': a reader layer from 1 to 6"),
+    ("model.reader_head=mlm model.copy_layer=1", "'model.copy_layer': sets up the copy head, which "
+     "model.reader_head=mlm does not have"),
     ("pretrain.lr=1e-4", None),
     # tiny freezes the retriever for 150 steps: reading the own block longer would teach it string matching
     ("pretrain.own_block_steps=151", "'pretrain.own_block_steps': must be between 0 and"),
 ])
 def test_config_values_are_typed_and_checked(override, message):
     if message is None:
-        assert load_config(ROOT / "configs" / "tiny.yaml", [override]).pretrain.lr == 1e-4
+        assert load_config(ROOT / "configs" / "tiny.yaml", override.split()).pretrain.lr == 1e-4
     else:
         with pytest.raises(InputError, match=message):
-            load_config(ROOT / "configs" / "tiny.yaml", [override])
+            load_config(ROOT / "configs" / "tiny.yaml", override.split())
 
 
 def test_every_shipped_config_loads():

@@ -126,11 +126,16 @@ def test_marginal_token_log_probs_and_span_accuracy_against_brute_force():
     assert spans_correct(got, targets, mask).tolist() == [True, True]
 
 
-def test_copy_head_mixes_a_pointer_into_z_with_the_vocabulary_against_brute_force():
-    """p(w) = g p_vocab(w) + (1 - g) Σ_{i in z, token_i = w} a_i, computed token by token; without z
-    (the null document's input) it is the MLM head's distribution."""
+@pytest.mark.parametrize("copy_layer, copy_init", [(0, "random"), (1, "identity"), (2, "identity")])
+def test_copy_head_mixes_a_pointer_into_z_with_the_vocabulary_against_brute_force(copy_layer, copy_init):
+    """p(w) = g p_vocab(w) + (1 - g) Σ_{i in z, token_i = w} a_i, computed token by token, the pointer and
+    the gate over the states after layer `copy_layer` (0 and 2 = the last of 2), p_vocab over the last; without
+    z (the null document's input) it is the MLM head's distribution."""
     torch.manual_seed(0)
-    reader = build_realm(bert_factory("random", 50, 32, 2, 64), 1, 1, 16, reader_head="copy").reader.eval()
+    reader = build_realm(bert_factory("random", 50, 32, 2, 64), 2, 2, 16, reader_head="copy",
+                         copy_layer=copy_layer, copy_init=copy_init).reader.eval()
+    if copy_init == "identity":  # the pointer starts as the states' own inner product
+        assert torch.equal(reader.copy_head.query.weight, torch.eye(32)) and not reader.copy_head.key.bias.any()
     ids = torch.randint(5, 50, (3, 10))
     ids[0, 6] = ids[0, 8]                      # a word twice in z: its pointer mass adds up
     types = torch.zeros_like(ids)
@@ -141,11 +146,14 @@ def test_copy_head_mixes_a_pointer_into_z_with_the_vocabulary_against_brute_forc
     got = reader.masked_log_probs(ids, mask, types, positions)
     assert torch.allclose(got.exp().sum(-1), torch.ones(3, 2), atol=1e-5)
     with torch.no_grad():
-        h = reader.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        states = reader.bert(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                             output_hidden_states=True).hidden_states
+        h_last, h = states[-1], states[copy_layer or -1]
+        assert copy_layer != 1 or not torch.allclose(h, h_last)  # layer 1's states are not the last's
         head = reader.copy_head
         for n in range(3):
             for j, pos in enumerate(positions[n].tolist()):
-                p_vocab = torch.softmax(reader.mlm_head(h[n, pos]), -1)
+                p_vocab = torch.softmax(reader.mlm_head(h_last[n, pos]), -1)
                 z = [i for i in range(10) if types[n, i] == 1 and mask[n, i] == 1]
                 if not z:
                     expected = p_vocab

@@ -112,19 +112,28 @@ def test_own_block_steps_read_the_own_block_then_exclude_it(tiny_corpus, tiny_cf
     assert own_blocks(queries)[0].tolist() == [-1]
 
 
-@pytest.mark.parametrize("reader_head", ["mlm", "copy"])
-def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path, reader_head):
+@pytest.mark.parametrize("reader_head, copy_layer", [("mlm", 0), ("copy", 0), ("copy", 1)])
+def test_checkpoint_round_trip_and_refusal_of_damaged_files(tmp_path, reader_head, copy_layer):
     from trainer.bert import bert_factory
     from trainer.model import build_realm
 
     torch.manual_seed(0)
-    model = build_realm(bert_factory("random", 30522, 32, 2, 64), 1, 1, 16, reader_head=reader_head)
+    model = build_realm(bert_factory("random", 30522, 32, 2, 64), 2, 2, 16, reader_head=reader_head,
+                        copy_layer=copy_layer, copy_init="identity" if copy_layer else "random")
     save_model(model, tmp_path / "m", step=7)
     loaded, meta = load_model(tmp_path / "m")
     assert meta["step"] == 7 and loaded.reader.head == reader_head
+    assert (loaded.reader.copy_layer, loaded.reader.copy_init) == (model.reader.copy_layer, model.reader.copy_init)
     assert len(model.state_dict()) == len(loaded.state_dict())
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+    # pre-training keeps the head of a checkpoint set up as configured and replaces one set up otherwise
+    head = loaded.reader.copy_head
+    loaded.reader.use_head(reader_head, copy_layer, loaded.reader.copy_init)
+    assert loaded.reader.copy_head is head
+    if reader_head == "copy":
+        loaded.reader.use_head("copy", 1 - copy_layer, "random")
+        assert loaded.reader.copy_head is not head and loaded.reader.copy_layer == 1 - copy_layer
     heads = tmp_path / "m" / "heads.safetensors"
     heads.write_bytes(heads.read_bytes()[:-10])
     with pytest.raises(InputError, match="heads.safetensors: truncated or changed"):

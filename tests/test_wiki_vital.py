@@ -41,7 +41,8 @@ def test_recipe_runs_end_to_end_and_writes_both_tables(tmp_path):
     data = wiki_slice(tmp_path / "data")
     results, plot = tmp_path / "RESULTS.md", tmp_path / "recall.png"
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.corpus={data['corpus']}", f"data.qa_train={data['nq_train']}",
-                 f"data.qa_eval={data['nq_dev']}", *TINY_MODEL, "threads=1", "ict.steps=2", "ict.batch_size=8",
+                 f"data.qa_eval={data['nq_dev']}", *TINY_MODEL, "model.reader_layers=2", "model.copy_layer=1",
+                 "threads=1", "ict.steps=2", "ict.batch_size=8",
                  "model.proj_init_blocks=20", "data.eval_fraction=0.1", "data.max_eval_examples=30",
                  "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.freeze_retriever_steps=2",
                  "pretrain.own_block_steps=1", "refresh.every_steps=2", "finetune.steps=2", "finetune.batch_size=4",
@@ -77,3 +78,6 @@ def test_recipe_runs_end_to_end_and_writes_both_tables(tmp_path):
     assert plot.is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n"] > 0
+    # the config's copy head (its layer and identity start) reached the pre-trained model
+    realm = json.loads((tmp_path / "run" / "models" / "realm" / "realm.json").read_text())
+    assert (realm["reader_head"], realm["copy_layer"], realm["copy_init"]) == ("copy", 1, "identity")

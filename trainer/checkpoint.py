@@ -3,7 +3,7 @@
 A model directory holds
     query_encoder/ doc_encoder/ reader/   BertModel.save_pretrained (config.json + model.safetensors)
     heads.safetensors                     projections, MLM head transform + bias, copy head, null score
-    realm.json                            kind, step, retrieval_dim, pooling, reader_head, components
+    realm.json                            kind, step, retrieval_dim, pooling, reader_head, copy_layer/init, components
     manifest.json                         sha256 of every file (checked on load)
 Also the doc tower alone (`published/step_N/`, for the embedding workers) and training states
 (`checkpoints/step_N/`, for resume: the engine's files, loaded with weights_only=True).
@@ -69,6 +69,10 @@ def save_model(model: REALM | OpenQAModel, directory: str | os.PathLike, step: i
                 "vocab_size": tower.encoder.config.vocab_size, **(extra or {})}
         if isinstance(model, REALM):
             meta["reader_head"] = model.reader.head
+            if model.reader.copy_layer:  # absent = the last layer, as every earlier checkpoint
+                meta["copy_layer"] = model.reader.copy_layer
+            if model.reader.copy_init != "random":  # how the head started: pre-training keeps ICT's head if the same
+                meta["copy_init"] = model.reader.copy_init
             if not model.null_document:  # absent = the paper's marginal, as every earlier checkpoint
                 meta["null_document"] = False
         (tmp / "realm.json").write_text(json.dumps(meta, indent=2))
@@ -92,8 +96,9 @@ def load_model(directory: str | os.PathLike) -> tuple[REALM | OpenQAModel, dict]
     q, doc, reader = (load_bert(d / c) for c in COMPONENTS)
     retriever = Retriever(q, doc, meta["retrieval_dim"], meta["pooling"])
     if meta["kind"] == "realm_model":
-        model = REALM(retriever, KnowledgeAugmentedEncoder(reader, meta.get("reader_head", "mlm")),
-                      meta.get("null_document", True))
+        reader = KnowledgeAugmentedEncoder(reader, meta.get("reader_head", "mlm"), meta.get("copy_layer", 0),
+                                           meta.get("copy_init", "random"))
+        model = REALM(retriever, reader, meta.get("null_document", True))
     else:
         model = OpenQAModel(retriever, reader)
     load_heads(model, d / "heads.safetensors")

@@ -83,6 +83,8 @@ class ModelConfig:
     reader_max_len: int = 256      # [CLS] x [SEP] z [SEP]
     pooling: str = "cls"           # cls (the paper) | mean (how MiniLM was trained) | cls_l2 | mean_l2 (unit length)
     reader_head: str = "mlm"       # mlm (the paper) | copy (MLM head + a pointer into z: for inits without an MLM head)
+    copy_layer: int = 0            # copy head: point with the states after this reader layer (0 = the last)
+    copy_init: str = "random"      # copy head's query/key maps: random | identity (the encoder's own inner product)
     proj_init: str = "random"      # the towers' projection to retrieval_dim: random | pca (from the corpus, before ICT)
     proj_init_blocks: int = 2000   # pca: corpus blocks sampled to fit it
     proj_init_scale: float = 20.0  # pca: inner products start as this times the cosine of the pooled vectors
@@ -249,6 +251,14 @@ def check_train_config(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.retrieval.bm25_weight <= 1.0:
         raise InputError(f"config key 'retrieval.bm25_weight': BM25's share of the fused score, from 0 to 1, got "
                          f"{cfg.retrieval.bm25_weight}")
+    m = cfg.model
+    if m.reader_head != "copy" and (m.copy_layer, m.copy_init) != (0, "random"):
+        key = "model.copy_layer" if m.copy_layer else "model.copy_init"
+        raise InputError(f"config key '{key}': sets up the copy head, which model.reader_head={m.reader_head} "
+                         f"does not have (set model.reader_head=copy)")
+    if m.copy_layer < 0 or (m.reader_layers and m.copy_layer > m.reader_layers):
+        raise InputError(f"config key 'model.copy_layer': a reader layer from 1 to "
+                         f"{m.reader_layers or 'model.reader_layers'}, or 0 for the last, got {m.copy_layer}")
     if cfg.blocks.max_len > 512:
         raise InputError(f"config key 'blocks.max_len': at most 512 (BERT positions), got {cfg.blocks.max_len}")
     check_choices({"masking.mode": (cfg.masking.mode, MASKING_MODES),
@@ -260,6 +270,7 @@ def check_train_config(cfg: TrainConfig) -> None:
                    "refresh.mode": (cfg.refresh.mode, ("sync", "async")),
                    "model.pooling": (cfg.model.pooling, POOLINGS),
                    "model.reader_head": (cfg.model.reader_head, READER_HEADS),
+                   "model.copy_init": (cfg.model.copy_init, ("random", "identity")),
                    "pretrain.retriever_signal": (cfg.pretrain.retriever_signal, RETRIEVER_SIGNALS),
                    "model.proj_init": (cfg.model.proj_init, ("random", "pca")),
                    "task": (cfg.task, ("mlm", "openqa")),

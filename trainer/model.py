@@ -115,11 +115,18 @@ class CopyHead(nn.Module):
     skill the span reader of fine-tuning needs. Without z (the null document) g is 1.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, init: str = "random"):
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.gate = nn.Linear(hidden, 1)
+        if init == "identity":  # start as the plain inner product of the encoder's own states: a token of z that
+            with torch.no_grad():  # the encoder represents like the masked position's context is pointed at first
+                for lin in (self.query, self.key):
+                    lin.weight.copy_(torch.eye(hidden))
+                    lin.bias.zero_()
+        elif init != "random":
+            raise ValueError(f"copy head init must be random or identity, got {init!r}")
 
     def forward(self, at: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, in_z: torch.Tensor,
                 vocab_log_probs: torch.Tensor) -> torch.Tensor:
@@ -138,23 +145,35 @@ class CopyHead(nn.Module):
 
 
 class KnowledgeAugmentedEncoder(nn.Module):
-    """BERT + MLM head (`head="mlm"`, the paper), or + a copy head mixed into it (`head="copy"`)."""
+    """BERT + MLM head (`head="mlm"`, the paper), or + a copy head mixed into it (`head="copy"`).
 
-    def __init__(self, bert: BertModel, head: str = "mlm"):
+    The copy head points with the hidden states after layer `copy_layer` (0 = the last). A warm start's last
+    layer may be trained for something else (MiniLM's for mean pooling: its token states look alike), and
+    an earlier layer's states still tell tokens apart.
+    """
+
+    def __init__(self, bert: BertModel, head: str = "mlm", copy_layer: int = 0, copy_init: str = "random"):
         super().__init__()
         self.bert = bert
         self.mlm_head = MLMHead(bert.embeddings.word_embeddings, bert.config.hidden_size,
                                 bert.config.layer_norm_eps)
         self.copy_head: CopyHead | None = None
-        self.use_head(head)
+        self.use_head(head, copy_layer, copy_init)
 
-    def use_head(self, head: str) -> None:
-        """Switch the output head (a checkpoint written with the other one: ICT never trains it)."""
-        if head == "copy" and self.copy_head is None:
-            self.copy_head = CopyHead(self.bert.config.hidden_size).to(self.bert.device)
+    def use_head(self, head: str, copy_layer: int = 0, copy_init: str = "random") -> None:
+        """Switch the output head (a checkpoint written with another one: ICT never trains it). A copy head
+        already there is kept if it was set up the same way."""
+        layers = self.bert.config.num_hidden_layers
+        if not 0 <= copy_layer <= layers:
+            raise ValueError(f"copy_layer must be between 0 (the last) and the reader's {layers} layers, "
+                             f"got {copy_layer}")
+        copy_layer = 0 if copy_layer == layers else copy_layer  # the last layer is 0 either way
+        if head == "copy" and (self.copy_head is None or (self.copy_layer, self.copy_init) != (copy_layer, copy_init)):
+            self.copy_head = CopyHead(self.bert.config.hidden_size, copy_init).to(self.bert.device)
         elif head == "mlm":
             self.copy_head = None
-        self.head = head
+            copy_layer, copy_init = 0, "random"
+        self.head, self.copy_layer, self.copy_init = head, copy_layer, copy_init
 
     def masked_log_probs(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
                          positions: torch.Tensor) -> torch.Tensor:
@@ -162,12 +181,18 @@ class KnowledgeAugmentedEncoder(nn.Module):
 
         ids/mask/types [N, L] (type 1 = z); positions [N, M] int64 -> [N, M, V] float32.
         """
-        hidden = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        at = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-        log_probs = F.log_softmax(self.mlm_head(at).float(), dim=-1)
+        out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                        output_hidden_states=self.copy_layer > 0)
+        log_probs = F.log_softmax(self.mlm_head(_at(out.last_hidden_state, positions)).float(), dim=-1)
         if self.copy_head is None:
             return log_probs
-        return self.copy_head(at, hidden, ids, (types == 1) & mask.bool(), log_probs)
+        pointing = out.hidden_states[self.copy_layer] if self.copy_layer else out.last_hidden_state
+        return self.copy_head(_at(pointing, positions), pointing, ids, (types == 1) & mask.bool(), log_probs)
+
+
+def _at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden [N, L, H] at positions [N, M] -> [N, M, H]."""
+    return torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
 
 
 def span_log_prob(token_log_probs: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -310,13 +335,14 @@ class REALM(nn.Module):
 
 
 def build_realm(make_bert: Callable[[int], BertModel], retriever_layers: int = 0, reader_layers: int = 0,
-                retrieval_dim: int = 128, pooling: str = "cls", reader_head: str = "mlm") -> REALM:
+                retrieval_dim: int = 128, pooling: str = "cls", reader_head: str = "mlm", copy_layer: int = 0,
+                copy_init: str = "random") -> REALM:
     """Three BERTs from one init: query encoder, doc encoder (its copy) and reader. `make_bert(layers)`
     returns a fresh BertModel keeping the first `layers` layers (0 = all): trainer/bert.py's `bert_factory`."""
     query = make_bert(retriever_layers)
     retriever = Retriever(query, copy.deepcopy(query), retrieval_dim, pooling)
     reader = copy.deepcopy(query) if reader_layers == retriever_layers else make_bert(reader_layers)
-    return REALM(retriever, KnowledgeAugmentedEncoder(reader, reader_head))
+    return REALM(retriever, KnowledgeAugmentedEncoder(reader, reader_head, copy_layer, copy_init))
 
 
 class SpanHead(nn.Module):

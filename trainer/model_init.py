@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.errors import InputError
 from indexer.embed import encode_blocks
 from trainer.bert import bert_factory
 from trainer.checkpoint import load_model
@@ -23,7 +24,11 @@ def fresh_model(cfg: TrainConfig, vocab_size: int) -> REALM:
     """Three BERTs from `model.init` (one load, two copies)."""
     m = cfg.model
     make_bert = bert_factory(m.init, vocab_size, m.hidden_size, m.num_heads, m.intermediate_size)
-    return build_realm(make_bert, m.retriever_layers, m.reader_layers, m.retrieval_dim, m.pooling, m.reader_head)
+    try:
+        return build_realm(make_bert, m.retriever_layers, m.reader_layers, m.retrieval_dim, m.pooling, m.reader_head,
+                           m.copy_layer, m.copy_init)
+    except ValueError as e:  # a copy_layer past the init's layers (model.reader_layers=0 keeps them all)
+        raise InputError(f"config key 'model.copy_layer': {e}") from None
 
 
 @torch.no_grad()
@@ -76,7 +81,11 @@ def _initial_model(run: Run) -> tuple[REALM, dict]:
         return new_model(run), {"stage": run.cfg.model.init}
     if ict_dir.is_dir():
         model, meta = load_model(ict_dir)
-        model.reader.use_head(run.cfg.model.reader_head)  # the reader's head is pre-training's, not ICT's
+        m = run.cfg.model  # the reader's head is pre-training's, not ICT's
+        try:
+            model.reader.use_head(m.reader_head, m.copy_layer, m.copy_init)
+        except ValueError as e:
+            raise InputError(f"config key 'model.copy_layer': {e}") from None
         return model.to(run.device), meta
     log.warning("no ICT checkpoint in the run directory; starting from model.init without a warm retriever "
                 "(REALM may get no retrieval signal: run `launch.py ict` first)")
