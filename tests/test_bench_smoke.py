@@ -177,3 +177,13 @@ def test_serve_load_smoke(tmp_path):
     assert rows[3]["bad"] == "27/27 refused with a 4xx naming the field" and rows[3]["good"] == "13/13 answered"
     assert "replaced" in rows[4]["kill"] and ", 0 wrong" in rows[4]["kill"]
     assert float(rows[8]["p50 ms"].replace(",", "")) > 0
+
+
+def test_reader_probe_smoke(tmp_path):
+    text = run_bench("reader_probe.py", tmp_path / "R.md")
+    check_section(text, "Reader probe: own-block reading by copy-head setting")
+    rows = table(text, "copy_layer")
+    assert [(r["copy_layer"], r["copy_init"]) for r in rows] == [("0", "random"), ("1", "identity")]
+    for r in rows:
+        assert [k for k in r if k.startswith("step ")] == ["step 0", "step 2", "step 4"]
+        assert all(0 <= float(r[f"step {s}"]) <= 1 for s in (0, 2, 4))
