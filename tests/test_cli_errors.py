@@ -98,6 +98,8 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("model.copy_layer=-1", "'model.copy_layer': a reader layer from 1 to 6"),
     ("model.reader_head=mlm model.copy_layer=1", "'model.copy_layer': sets up the copy head, which "
      "model.reader_head=mlm does not have"),
+    ("finetune.early_k=-1", "'finetune.early_k': must not be negative"),
+    ("finetune.early_k=50 finetune.retrieval=random", "'finetune.early_k': the early update ranks the retriever's"),
     ("pretrain.lr=1e-4", None),
     # tiny freezes the retriever for 150 steps: reading the own block longer would teach it string matching
     ("pretrain.own_block_steps=151", "'pretrain.own_block_steps': must be between 0 and"),

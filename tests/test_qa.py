@@ -95,13 +95,16 @@ def test_finetune_trains_query_tower_and_reader_but_never_the_doc_encoder(tiny_c
 
     cfg = tiny_cfg("ict.steps=2", f"data.qa_train={tiny_corpus['qa_train']}", f"data.qa_eval={tiny_corpus['qa_eval']}",
                    "finetune.steps=3", "finetune.k=3", "finetune.batch_size=4", "finetune.retriever_lr=1e-3",
-                   "data.max_eval_examples=6", "task=openqa", "question=What is the hometown of Nobody?")
+                   "finetune.early_k=20", "data.max_eval_examples=6", "task=openqa",
+                   "question=What is the hometown of Nobody?")
     prepare(cfg)
     ict(cfg)
     start, _ = load_model(f"{cfg.run_dir}/models/ict")
     finetune(cfg)
     tuned, meta = load_model(f"{cfg.run_dir}/models/qa")
-    assert meta["kind"] == "openqa_model"
+    assert meta["kind"] == "openqa_model" and meta["early_k"] == 20
+    logged = [json.loads(line) for line in open(f"{cfg.run_dir}/events.jsonl") if '"early_loss"' in line]
+    assert logged and all(0 < e["early_answer_found"] <= 1 for e in logged)
     for (name, p0), p1 in zip(start.retriever.doc_tower.state_dict().items(),
                               tuned.retriever.doc_tower.state_dict().values()):
         assert torch.equal(p0, p1), name
@@ -116,6 +119,43 @@ def test_finetune_trains_query_tower_and_reader_but_never_the_doc_encoder(tiny_c
     assert metrics["index_version"] == 1
     result = query(cfg)
     assert result["question"] == cfg.question and len(result["blocks"]) == 3
+
+
+def test_early_update_loss_against_brute_force_and_it_trains_the_query_tower(tiny_cfg, tiny_corpus):
+    """ORQA's early update: -log Σ_{z in top-k, answer in z} p(z|x), p(z|x) a softmax over the top k; a step on
+    it raises that probability; the doc embeddings never change."""
+    from indexer.embed import pad_batch
+    from trainer.ict import ict
+    from trainer.prepare import prepare
+    from trainer.qa import qa_file
+    from trainer.qa_system import load_qa_system
+
+    cfg = tiny_cfg("ict.steps=2", f"data.qa_train={tiny_corpus['qa_train']}")
+    prepare(cfg)
+    ict(cfg)
+    system = load_qa_system(cfg, "ict")
+    qs = read_qa(qa_file(cfg, "qa_train"))[:6]
+    args = ([e.question for e in qs], [e.answers for e in qs], [e.is_regex for e in qs], 20)
+    loss, share = system.early_update_loss(*args)
+    with torch.no_grad():  # brute force: each question's top 20 by inner product, its answer blocks by string
+        q = system.model.retriever.embed_queries(*pad_batch(system.encode_questions(args[0]), system.run.vocab.pad))
+        terms = []
+        for i, e in enumerate(qs):
+            scores = system.doc_emb @ q[i].float()
+            top = torch.topk(scores, 20).indices
+            p = torch.softmax(scores[top], 0)
+            hit = [answer_in_text(system.run.store.text(int(b)), e.answers) for b in top]
+            if any(hit):
+                terms.append(-torch.log(sum(p[j] for j in range(20) if hit[j])))
+    assert terms and share == len(terms) / len(qs)
+    assert torch.allclose(loss.detach(), torch.stack(terms).mean(), atol=1e-4)
+    docs = system.doc_emb.clone()
+    opt = torch.optim.SGD(system.model.retriever.query_tower.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        system.early_update_loss(*args)[0].backward()
+        opt.step()
+    assert system.early_update_loss(*args)[0] < loss and torch.equal(system.doc_emb, docs)
 
 
 def test_confusable_synthetic_corpus_needs_the_relation_not_the_type():

@@ -173,6 +173,8 @@ class FinetuneConfig:
     grad_clip: float = 1.0         # its own: pre-training's (a marginal over z, larger norms) is no guide here
     k: int = 5                     # retrieved blocks per question (fine-tuning, evaluation, query)
     max_answer_len: int = 10       # wordpieces
+    early_k: int = 0               # ORQA's early update: the query tower also learns, over its top early_k blocks,
+                                   # to rank those holding an answer string first (Lee et al. 2019); 0 = off
     init: str = "auto"             # auto (realm if present, else ict) | realm | ict | <dir>
     retrieval: str = "index"       # index | random (a reader without a retriever, as a baseline)
     name: str = "qa"               # writes run_dir/models/<name>; evaluate/query with eval.model=<name>
@@ -286,6 +288,12 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.index.kind == "ivfpq" and cfg.model.retrieval_dim % cfg.index.pq_m:
         raise InputError(f"config key 'index.pq_m': {cfg.index.pq_m} does not divide model.retrieval_dim="
                          f"{cfg.model.retrieval_dim}")
+    if cfg.finetune.early_k < 0:
+        raise InputError(f"config key 'finetune.early_k': must not be negative (0 = no early update), got "
+                         f"{cfg.finetune.early_k}")
+    if cfg.finetune.early_k and cfg.finetune.retrieval == "random":
+        raise InputError("config key 'finetune.early_k': the early update ranks the retriever's top blocks, and "
+                         "finetune.retrieval=random has no retriever")
     if cfg.finetune.retrieval == "random" and cfg.retrieval.mode != "dense":
         raise InputError(f"config key 'retrieval.mode': {cfg.retrieval.mode} retrieval cannot be combined with "
                          f"finetune.retrieval=random (k random blocks, the no-retriever baseline)")

@@ -76,6 +76,23 @@ class QASystem:
     def answer_ids(self, answers: list[str]) -> list[list[int]]:
         return [self.run.tok.encode(a, add_special_tokens=False).ids for a in answers]
 
+    def early_update_loss(self, questions: list[str], answers: list[list[str]], is_regex: list[bool], k: int
+                          ) -> tuple[torch.Tensor | None, float]:
+        """ORQA's early update (Lee et al. 2019, §5): -log Σ p(z|x) over the blocks of the top k whose text holds
+        an answer string, p(z|x) a softmax over those k; the mean over the questions that have one (None if none
+        does), and their share. It trains the query tower alone, over a wider top-k than the reader reads, with
+        the answer string as a distant label: the reader's marginal only ranks the few blocks it reads."""
+        q = self.encode_questions(questions)
+        q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
+        scores, ids = self.relevance(q_ids, q_mask, k, None, questions)
+        correct = torch.tensor([[b >= 0 and answer_in_text(self.run.store.text(int(b)), ans, rx) for b in row]
+                                for row, ans, rx in zip(ids, answers, is_regex)], device=scores.device)
+        has = correct.any(-1)
+        if not has.any():
+            return None, 0.0
+        log_p = scores.log_softmax(-1).masked_fill(~correct, float("-inf"))
+        return -torch.logsumexp(log_p[has], -1).mean(), float(has.float().mean())
+
     def forward(self, questions: list[str], answers: list[list[str]] | None, k: int, max_answer_len: int,
                 candidates: np.ndarray | None = None):
         """Retrieval scores [B, K], candidate ids [B, K], span scores [B, K, L, A] and the QABatch; `candidates`
