@@ -67,16 +67,11 @@ def answer_block(q: D.MaskedQuery) -> int:
 
 def held_queries(run, n: int, seed: int) -> list[D.MaskedQuery]:
     """n masked held-out sentences that have a block to read, drawn once for every variant."""
+    from trainer.pretrain import sample_queries
+
     examples = D.ExampleTable(run.dir / "examples" / "eval.parquet")
-    rng = np.random.default_rng(seed)
-    out, tries = [], 0
-    while len(out) < n and tries < 50 * n:
-        tries += 1
-        q = D.mask_example(examples[int(rng.integers(len(examples)))], run.tok, run.vocab,
-                           run.cfg.model.query_max_len, rng, run.cfg.masking.mode, run.cfg.masking.random_span_max,
-                           mask_given=False)
-        if q is not None and answer_block(q) >= 0:
-            out.append(q)
+    out = sample_queries(examples, run, n, np.random.default_rng(seed), accept=lambda q: answer_block(q) >= 0,
+                         max_tries=50 * n)
     if not out:
         raise InputError(f"{run.dir / 'examples' / 'eval.parquet'}: no held-out sentence with a maskable span "
                          "and a block to read")

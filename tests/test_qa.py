@@ -135,10 +135,15 @@ def test_early_update_loss_against_brute_force_and_it_trains_the_query_tower(tin
     ict(cfg)
     system = load_qa_system(cfg, "ict")
     qs = read_qa(qa_file(cfg, "qa_train"))[:6]
-    args = ([e.question for e in qs], [e.answers for e in qs], [e.is_regex for e in qs], 20)
-    loss, share = system.early_update_loss(*args)
+    questions = [e.question for e in qs]
+
+    def early_loss():
+        return system.early_update_loss(system.embed_questions(questions)[1], questions, [e.answers for e in qs],
+                                        [e.is_regex for e in qs], 20)
+
+    loss, share = early_loss()
     with torch.no_grad():  # brute force: each question's top 20 by inner product, its answer blocks by string
-        q = system.model.retriever.embed_queries(*pad_batch(system.encode_questions(args[0]), system.run.vocab.pad))
+        q = system.model.retriever.embed_queries(*pad_batch(system.encode_questions(questions), system.run.vocab.pad))
         terms = []
         for i, e in enumerate(qs):
             scores = system.doc_emb @ q[i].float()
@@ -153,9 +158,9 @@ def test_early_update_loss_against_brute_force_and_it_trains_the_query_tower(tin
     opt = torch.optim.SGD(system.model.retriever.query_tower.parameters(), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
-        system.early_update_loss(*args)[0].backward()
+        early_loss()[0].backward()
         opt.step()
-    assert system.early_update_loss(*args)[0] < loss and torch.equal(system.doc_emb, docs)
+    assert early_loss()[0] < loss and torch.equal(system.doc_emb, docs)
 
 
 def test_confusable_synthetic_corpus_needs_the_relation_not_the_type():

@@ -42,15 +42,17 @@ def finetune(cfg: TrainConfig) -> dict:
     t0, skipped = time.time(), 0
     for step in range(1, c.steps + 1):
         batch = [train[int(i)] for i in rng.integers(len(train), size=c.batch_size)]
-        scores, cand, span, qb = system.forward([e.question for e in batch],
-                                                [[] if e.is_regex else e.answers for e in batch], c.k, c.max_answer_len)
+        questions = [e.question for e in batch]
+        embedded = system.embed_questions(questions)  # one query-tower pass for the reader's top-k and the early update
+        scores, cand, span, qb = system.forward(questions, [[] if e.is_regex else e.answers for e in batch], c.k,
+                                                c.max_answer_len, embedded=embedded)
         answer_mask = qb.answer_mask.to(span.device)
         ll = span_marginal_log_likelihood(scores, span, answer_mask)
         found = answer_mask.flatten(1).any(-1)  # ORQA: skip questions with no answer in the top-k
         skipped += int((~found).sum())
         losses = {"loss": -ll[found].mean()} if found.any() else {}
         if c.early_k:
-            early, early_found = system.early_update_loss([e.question for e in batch], [e.answers for e in batch],
+            early, early_found = system.early_update_loss(embedded[1], questions, [e.answers for e in batch],
                                                           [e.is_regex for e in batch], c.early_k)
             if early is not None:
                 losses["early_loss"] = early

@@ -68,13 +68,18 @@ def gold_in_topk(queries: list[D.MaskedQuery], cand: np.ndarray) -> float | None
     return float(np.mean(hits)) if hits else None
 
 
-def sample_queries(examples: Sequence[D.Example], run: Run, n: int, rng: np.random.Generator) -> list[D.MaskedQuery]:
-    out = []
-    while len(out) < n:
+def sample_queries(examples: Sequence[D.Example], run: Run, n: int, rng: np.random.Generator,
+                   accept: Callable[[D.MaskedQuery], bool] | None = None,
+                   max_tries: int | None = None) -> list[D.MaskedQuery]:
+    """n masked queries from random examples (only those `accept` passes). With `max_tries`, at most that
+    many draws, so the list can come back short; without it, draws until it has n."""
+    out, tries = [], 0
+    while len(out) < n and (max_tries is None or tries < max_tries):
+        tries += 1
         q = D.mask_example(examples[int(rng.integers(len(examples)))], run.tok, run.vocab,
                            run.cfg.model.query_max_len, rng, run.cfg.masking.mode, run.cfg.masking.random_span_max,
                            mask_given=False)
-        if q is not None:
+        if q is not None and (accept is None or accept(q)):
             out.append(q)
     return out
 

@@ -53,12 +53,23 @@ class QASystem:
         return [np.array([v.cls] + self.run.tok.encode(q, add_special_tokens=False).ids[:n] + [v.sep], np.int64)
                 for q in questions]
 
+    def embed_questions(self, questions: list[str]) -> tuple[list[np.ndarray], torch.Tensor]:
+        """The questions' wordpiece ids and their query-tower embeddings [B, dim] (with grad)."""
+        q = self.encode_questions(questions)
+        q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
+        return q, self.model.retriever.embed_queries(q_ids.to(self.run.device), q_mask.to(self.run.device))
+
     def relevance(self, q_ids: torch.Tensor, q_mask: torch.Tensor, k: int, candidates: np.ndarray | None = None,
                   questions: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """Scores [B, k] against the fixed doc embeddings (grad to the query tower) and ids [B, k], the candidates
-        retrieval.mode picks (`questions`, the same queries as text, for bm25 and hybrid); `candidates` [B, k']
-        (-1 = none) scores those blocks instead of searching."""
+        """`score` for padded query ids [B, Lq] and their mask."""
         q = self.model.retriever.embed_queries(q_ids.to(self.run.device), q_mask.to(self.run.device))
+        return self.score(q, k, candidates, questions)
+
+    def score(self, q: torch.Tensor, k: int, candidates: np.ndarray | None = None,
+              questions: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Scores [B, k] of query embeddings `q` [B, dim] against the fixed doc embeddings (grad to the query
+        tower) and ids [B, k], the candidates retrieval.mode picks (`questions`, the same queries as text, for bm25
+        and hybrid); `candidates` [B, k'] (-1 = none) scores those blocks instead of searching."""
         if candidates is not None:
             ids = np.asarray(candidates, np.int64)
         elif self.retrieval == "random":
@@ -76,15 +87,14 @@ class QASystem:
     def answer_ids(self, answers: list[str]) -> list[list[int]]:
         return [self.run.tok.encode(a, add_special_tokens=False).ids for a in answers]
 
-    def early_update_loss(self, questions: list[str], answers: list[list[str]], is_regex: list[bool], k: int
-                          ) -> tuple[torch.Tensor | None, float]:
+    def early_update_loss(self, q: torch.Tensor, questions: list[str], answers: list[list[str]],
+                          is_regex: list[bool], k: int) -> tuple[torch.Tensor | None, float]:
         """ORQA's early update (Lee et al. 2019, §5): -log Σ p(z|x) over the blocks of the top k whose text holds
         an answer string, p(z|x) a softmax over those k; the mean over the questions that have one (None if none
         does), and their share. It trains the query tower alone, over a wider top-k than the reader reads, with
-        the answer string as a distant label: the reader's marginal only ranks the few blocks it reads."""
-        q = self.encode_questions(questions)
-        q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
-        scores, ids = self.relevance(q_ids, q_mask, k, None, questions)
+        the answer string as a distant label: the reader's marginal only ranks the few blocks it reads. `q`: the
+        questions' embeddings from `embed_questions` (shared with `forward`, so the query tower runs once)."""
+        scores, ids = self.score(q, k, None, questions)
         correct = torch.tensor([[b >= 0 and answer_in_text(self.run.store.text(int(b)), ans, rx) for b in row]
                                 for row, ans, rx in zip(ids, answers, is_regex)], device=scores.device)
         has = correct.any(-1)
@@ -94,12 +104,12 @@ class QASystem:
         return -torch.logsumexp(log_p[has], -1).mean(), float(has.float().mean())
 
     def forward(self, questions: list[str], answers: list[list[str]] | None, k: int, max_answer_len: int,
-                candidates: np.ndarray | None = None):
+                candidates: np.ndarray | None = None, embedded: tuple[list[np.ndarray], torch.Tensor] | None = None):
         """Retrieval scores [B, K], candidate ids [B, K], span scores [B, K, L, A] and the QABatch; `candidates`
-        [B, K] reads those blocks instead of the top-k (explain's leave-one-out check)."""
-        q = self.encode_questions(questions)
-        q_ids, q_mask = pad_batch(q, self.run.vocab.pad)
-        scores, cand = self.relevance(q_ids, q_mask, k, candidates, questions)
+        [B, K] reads those blocks instead of the top-k (explain's leave-one-out check); `embedded`: the
+        questions' `embed_questions`, when the caller has them already."""
+        q, q_emb = embedded if embedded is not None else self.embed_questions(questions)
+        scores, cand = self.score(q_emb, k, candidates, questions)
         ans = [self.answer_ids(a) for a in answers] if answers else [[] for _ in questions]
         batch = make_qa_batch(self.run.store, self.run.vocab, q, cand, ans, self.run.cfg.model.reader_max_len,
                               max_answer_len)
