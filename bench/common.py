@@ -305,13 +305,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def split_header(text: str, default: str) -> tuple[str, str]:
+    """(header, sections) of a results file: its `# ` title and introduction, else `default` over all of it."""
+    if not text.startswith("# "):
+        return default, text
+    cut = text.find("\n## ")
+    return (text, "") if cut < 0 else (text[:cut + 1], text[cut + 1:])
+
+
 def write_results(title: str, config: dict, rows: list[dict], path: str | os.PathLike = ROOT / "bench" / "RESULTS.md",
                   device: torch.device | None = None, notes: list[str] | None = None, header: str = RESULTS_HEADER,
                   command: str | None = None) -> str:
     """Prepend one section (machine, commit, date, configuration, table) to `path`; returns the section.
 
-    Newest first, so the file reads as a log whose top is the current state. `header` opens the file;
-    `command` defaults to this script's command line.
+    Newest first, so the file reads as a log whose top is the current state. `header` opens a new file; an
+    existing file keeps its own (the text before its first `## ` section), so two scripts writing one file, or
+    a hand-edited introduction, never stack or replace headings. `command` defaults to this script's command line.
     """
     info = machine_info(device)
     cmd = command or "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
@@ -323,11 +332,10 @@ def write_results(title: str, config: dict, rows: list[dict], path: str | os.Pat
     section = "\n".join(lines) + "\n\n" + markdown_table(rows) + "\n"
 
     p = Path(path)
-    old = p.read_text() if p.is_file() else ""
-    body = old.removeprefix(header)
+    head, body = split_header(p.read_text() if p.is_file() else "", header)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(header + "\n" + section + ("\n" + body.lstrip("\n") if body.strip() else ""))
+    tmp.write_text(head.rstrip("\n") + "\n\n" + section + ("\n" + body.lstrip("\n") if body.strip() else ""))
     os.replace(tmp, p)  # a reader never sees half a file
     return section
 

@@ -187,3 +187,20 @@ def test_reader_probe_smoke(tmp_path):
     for r in rows:
         assert [k for k in r if k.startswith("step ")] == ["step 0", "step 2", "step 4"]
         assert all(0 <= float(r[f"step {s}"]) <= 1 for s in (0, 2, 4))
+
+
+def test_results_file_keeps_its_own_header(tmp_path):
+    """A second writer with another default header, or a hand-edited introduction, neither stacks nor replaces the
+    file's title: new sections go newest first under it, the old ones stay below."""
+    from bench.common import write_results
+    path = tmp_path / "RESULTS.md"
+    write_results("first", {"a": 1}, [{"x": 1}], path, header="# Mine\n\nHand-written introduction.\n",
+                  command="one")
+    write_results("second", {"a": 2}, [{"x": 2}], path, header="# Another writer's title\n", command="two")
+    text = path.read_text()
+    assert text.startswith("# Mine\n\nHand-written introduction.\n\n## second")
+    assert text.count("\n# ") == 0 and "Another writer" not in text
+    assert text.index("## second") < text.index("## first")
+    fresh = tmp_path / "new.md"
+    write_results("only", {}, [{"x": 3}], fresh, header="# Fresh\n", command="three")
+    assert fresh.read_text().startswith("# Fresh\n\n## only")
