@@ -45,7 +45,8 @@ def test_recipe_runs_end_to_end_and_writes_both_tables(tmp_path):
                  "threads=1", "ict.steps=2", "ict.batch_size=8",
                  "model.proj_init_blocks=20", "data.eval_fraction=0.1", "data.max_eval_examples=30",
                  "pretrain.steps=4", "pretrain.batch_size=4", "pretrain.freeze_retriever_steps=2",
-                 "pretrain.own_block_steps=1", "refresh.every_steps=2", "finetune.steps=2", "finetune.batch_size=4", "finetune.early_k=8",
+                 "pretrain.own_block_steps=1", "refresh.every_steps=2", "finetune.steps=2", "finetune.batch_size=4",
+                 "finetune.early_k=8",  # the config's 100 is more than the slice's blocks
                  "cluster.backend=local"]  # the recipe's Ray path is the squad_open test's; here its stages
     env = dict(os.environ, PYTHON=sys.executable, RESULTS=str(results), PLOT=str(plot), DATA=str(tmp_path / "data"),
                CUDA_VISIBLE_DEVICES="")
