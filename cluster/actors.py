@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
+
+from cluster.ports import free_port
 
 # ---- shard servers and the service that merges them -------------------------------------------
 
@@ -281,10 +282,7 @@ class TrainerWorker:
 
     def endpoint(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0's torch.distributed rendezvous."""
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        return ray.util.get_node_ip_address(), free_port()
 
     def train(self, master: tuple[str, int, str | None], service) -> dict:
         from trainer.engine import DeepSpeedEngine, init_distributed
