@@ -10,6 +10,7 @@ pick. (No Ray imported here.)
 """
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 from pathlib import Path
@@ -48,7 +49,7 @@ def free_ports(n: int = 1, ephemeral: range | None = None) -> list[int]:
     ephemeral = ephemeral_ports() if ephemeral is None else ephemeral
     candidates = [p for p in range(FIRST_PORT, 65536) if p not in ephemeral and p not in RAY_WORKER_PORTS]
     random.SystemRandom().shuffle(candidates)
-    picked = [p for p in candidates[:4 * n + 64] if _binds(p)][:n]
+    picked = list(itertools.islice((p for p in candidates if _binds(p)), n))  # stops at the n-th that binds
     while len(picked) < n:  # no room outside the ranges (or all of it taken): the kernel's pick
         port = _kernel_pick()
         if port not in picked:

@@ -65,8 +65,9 @@ for head in 1 2 3; do
   deadline=$((SECONDS + AGENT_WAIT_S))
   while ! out=$(submit); do
     grep -q "No available agent" <<<"$out" || { echo "$out" >&2; exit 1; }
-    if grep -q "failed to bind" <<<"$(agent_log)"; then
-      echo "head $head: $(grep "failed to bind" <<<"$(agent_log)" | tail -1)" >&2
+    bind_error=$(agent_log | grep "failed to bind" | tail -1 || true)
+    if [ -n "$bind_error" ]; then
+      echo "head $head: $bind_error" >&2
       [ "$head" = 3 ] && exit 1
       stop_head; continue 2
     fi
